@@ -8,10 +8,20 @@ equation per operation, left to right, and ends in `\\boxed{N}`:
 
 It is kept that short on purpose: the tiny model of the CPU tests pays for every token.
 
-Why these defaults: a ~2M-parameter model trained for a couple of minutes on 2 CPU cores has to get
-some but not all of them right (the SFT and GRPO stage-1 tests need headroom in both directions).
-One or two operations, operands up to 30, and multiplication only as "n groups of k" with
-single-digit factors keep the carries few enough to be learnable and numerous enough to be hard.
+Why these defaults: a ~2M-parameter model given a short SFT run has to get some but not all of
+them right (the SFT and GRPO stage-1 tests need headroom in both directions). Measured with a
+2.0M-parameter Llama-shaped proxy (hidden 192, 4 layers, vocab 512), AdamW lr 3e-3, batch 32,
+assistant-only loss, greedy exact match on 200 held-out problems:
+
+    operands, operations      220 steps   500    1000    2000
+    up to 9, 1-2 (default)      10%       8.5%   15.5%   52.5%
+    up to 20, 1-2              6.5%       4.5%    4.5%     9%
+    up to 30, 1-2               4%         4%      4%      7%
+
+The bottleneck is copying the operands out of the story; one-digit operands get past it first.
+On one CPU thread that proxy ran 1.9 steps/s at batch 32 (~58 tokens a sequence), so the 20-60%
+band needs ~1500-2000 steps (15-18 minutes on one thread); two-digit operands (max_operand=20..30) are the harder
+setting for longer runs and for GRPO to improve on.
 
 Every intermediate value stays non-negative: a subtraction never takes away more than is there.
 """
@@ -46,8 +56,8 @@ class ArithmeticConfig:
 
     min_operand: int = 1
     """Smallest number an addition or subtraction uses."""
-    max_operand: int = 30
-    """Largest number an addition or subtraction (and the starting amount) uses."""
+    max_operand: int = 9
+    """Largest number an addition or subtraction (and the starting amount) uses (results can reach 2 digits)."""
     min_operations: int = 1
     """Fewest operations in one problem."""
     max_operations: int = 2
