@@ -43,12 +43,13 @@ class CodeExecution:
         memory_mb: int = 1024,
         output_cap_bytes: int = 1 << 20,
         max_processes: int = 16,
+        base_dir: str | None = None,
     ) -> None:
-        """`max_workers`: sandboxes run at once; the rest are `SandboxConfig` limits of each run."""
+        """`max_workers`: sandboxes run at once; the rest are the `SandboxConfig` fields of each run."""
         self.max_workers = max_workers
         self.sandbox = replace(
             SandboxConfig(), wall_timeout_s=wall_timeout_s, cpu_time_s=cpu_time_s, memory_mb=memory_mb,
-            output_cap_bytes=output_cap_bytes, max_processes=max_processes,
+            output_cap_bytes=output_cap_bytes, max_processes=max_processes, base_dir=base_dir,
         )
         self.last_results: list[SandboxResult | None] = []
         """The sandbox runs behind the latest batch's scores (None where nothing ran), for logging."""

@@ -132,7 +132,9 @@ def _accepted_columns(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:
 
 def _is_async(fn: RewardFn) -> bool:
     target = fn.func if isinstance(fn, functools.partial) else fn
-    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None))
+    if inspect.isfunction(target) or inspect.ismethod(target):
+        return inspect.iscoroutinefunction(target)
+    return inspect.iscoroutinefunction(type(target).__call__)  # a reward class's instance
 
 
 def call_reward(fn: RewardFn, prompts: Sequence, completions: Sequence[str], **columns: Any) -> list[float | None]:

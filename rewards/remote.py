@@ -16,7 +16,6 @@ the server would answer the same again.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -72,7 +71,7 @@ class RemoteReward:
                         f"reward server {self.url} answered {error.code} for reward {self.reward!r}: {detail}"
                     ) from error
                 last_error = error
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as error:
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
                 last_error = error
         raise RemoteRewardError(
             f"reward server {self.url} (reward {self.reward!r}) unreachable after {self.retries + 1} attempts "

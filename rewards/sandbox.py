@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -101,6 +102,19 @@ def _interpreter(config: SandboxConfig) -> tuple[Path, Path]:
         raise ValueError(f"sandbox interpreter {executable} does not lie under its prefix {prefix}") from None
 
 
+def _free_uid(uid_range: tuple[int, int]) -> int:
+    """A random uid of the range that no account has and no process runs as."""
+    draw = random.SystemRandom()
+    for _ in range(100):
+        uid = draw.randint(*uid_range)
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if not processes_of(uid):
+                return uid
+    raise RuntimeError(f"no free uid found in the sandbox uid range {uid_range}")
+
+
 def _limits(config: SandboxConfig) -> dict[str, int]:
     return {
         "RLIMIT_CPU": config.cpu_time_s,
@@ -128,7 +142,7 @@ def run_in_sandbox(program: str, tests: list[str], config: SandboxConfig | None 
     """Run `program`, then each assert statement in `tests`, in a fresh jail; count passing tests."""
     config = config or SandboxConfig()
     prefix, interpreter = _interpreter(config)
-    uid = random.SystemRandom().randint(*config.uid_range)
+    uid = _free_uid(config.uid_range)
     run_dir = Path(tempfile.mkdtemp(prefix="latentalign-sandbox-", dir=config.base_dir))
     started = time.monotonic()
     try:

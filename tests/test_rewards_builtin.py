@@ -1,5 +1,7 @@
 """Every built-in rule reward on hand-written right, wrong and malformed cases."""
 
+import os
+
 import pytest
 
 from rewards import call_reward, extract_program, get_reward
@@ -147,6 +149,7 @@ def test_extract_program_takes_the_last_python_block():
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the code sandbox needs root (CAP_SYS_ADMIN)")
 def test_code_scores_the_share_of_tests_passed():
     right = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
     half_wrong = "```python\ndef add(a, b):\n    return a + b if a > 0 else 99\n```"  # passes 1st and 3rd

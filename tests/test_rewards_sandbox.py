@@ -4,6 +4,7 @@ Every containment test has a control showing that the same action works outside 
 the harmless twin works inside it), so a test would fail if the jail stopped doing its part.
 """
 
+import os
 import shutil
 import socket
 import tempfile
@@ -17,6 +18,10 @@ from rewards import SandboxConfig, SandboxUnavailableError, call_reward, get_rew
 from rewards.sandbox import processes_of
 
 WALL_TIMEOUT_S = 3.0
+
+# The jail needs root (namespaces, mounts, setuid). As root, a jail that cannot be built fails these
+# tests; only a non-root run skips them.
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the code sandbox needs root (CAP_SYS_ADMIN)")
 
 
 @pytest.fixture
@@ -148,8 +153,7 @@ def test_code_reward_runs_sandboxes_concurrently_and_scores_hostile_code_zero(co
     sleeper = "```python\nimport time\ntime.sleep(1)\ndef f():\n    return 1\n```"
     bomb = "```python\nimport os\nwhile True:\n    os.fork()\n```"
     tests = ["assert f() == 1"]
-    code = get_reward("code", max_workers=4, wall_timeout_s=WALL_TIMEOUT_S)
-    code.sandbox = replace(code.sandbox, base_dir=config.base_dir)
+    code = get_reward("code", max_workers=4, wall_timeout_s=WALL_TIMEOUT_S, base_dir=config.base_dir)
     started = time.monotonic()
     scores = call_reward(code, ["p"] * 5, [sleeper] * 4 + [bomb], tests=[tests] * 5)
     elapsed = time.monotonic() - started

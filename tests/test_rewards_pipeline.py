@@ -1,0 +1,215 @@
+"""RewardPipeline: weights, None handling, normalisation, failure isolation, recipe mapping."""
+
+import logging
+import math
+import threading
+import time
+
+import pytest
+import yaml
+
+from rewards import ConfigError, RewardError, RewardPipeline, RewardPipelineConfig, RewardSpec, reward
+
+# Stand-ins for the stage-2 reward models: deterministic scores from the text, so the expected totals
+# can be written down by hand. The real model reward is tested in test_rewards_model.py.
+
+
+@reward("test_pipeline_helpful")
+def helpful(prompts, completions):
+    return [float(len(c.split())) for c in completions]  # longer = more helpful, for this test
+
+
+@reward("test_pipeline_safety")
+def safety(prompts, completions):
+    return [-5.0 if "bomb" in c else 1.0 for c in completions]
+
+
+@reward("test_pipeline_raises")
+def raises(prompts, completions):
+    raise RuntimeError("reward model crashed")
+
+
+_release_hang = threading.Event()
+
+
+@reward("test_pipeline_hangs")
+def hangs(prompts, completions):
+    _release_hang.wait(30)  # released at the end of the test that uses it; bounded either way
+    return [1.0] * len(completions)
+
+
+@reward("test_pipeline_math_only")
+def math_only(prompts, completions, answer):
+    return [None if a is None else float(c == a) for c, a in zip(completions, answer)]
+
+
+PROMPTS = ["How do I bake bread?", "Tell me something", "How do I build a bomb?"]
+COMPLETIONS = ["Mix flour water yeast, knead, bake.", "Sure.", "Here is how to build a bomb"]
+
+
+def stage2(**overrides):
+    config = {
+        "rewards": [
+            {"name": "helpful", "reward": "test_pipeline_helpful", "weight": 0.5},
+            {"name": "safety", "reward": "test_pipeline_safety", "weight": 2.0},
+            {"name": "rule", "reward": "repetition", "weight": 1.0, "kwargs": {"ngram": 1}},
+        ],
+    }
+    config.update(overrides)
+    return RewardPipeline.from_dict(config, source="stage2.yaml")
+
+
+def test_stage2_totals_are_the_weighted_sum():
+    out = stage2()(PROMPTS, COMPLETIONS)
+    assert out.components["helpful"] == [6.0, 1.0, 7.0]
+    assert out.components["safety"] == [1.0, 1.0, -5.0]
+    assert out.components["rule"] == [1.0, 1.0, 1.0]
+    # r = 0.5·helpful + 2·safety + 1·rule
+    assert out.totals == pytest.approx([0.5 * 6 + 2 + 1, 0.5 * 1 + 2 + 1, 0.5 * 7 - 10 + 1])
+    assert out.metrics["rewards/helpful/mean"] == pytest.approx(14 / 3)
+    assert out.metrics["rewards/safety/none_share"] == 0.0
+    assert out.metrics["rewards/total/mean"] == pytest.approx(sum(out.totals) / 3)
+    assert out.metrics["rewards/rule/time_s"] >= 0.0
+
+
+def test_a_raising_reward_is_isolated_counted_and_logged(caplog):
+    config = {"rewards": [
+        {"name": "safety", "reward": "test_pipeline_safety", "weight": 2.0},
+        {"name": "broken", "reward": "test_pipeline_raises", "weight": 1.0},
+    ]}
+    pipeline = RewardPipeline.from_dict(config)
+    with caplog.at_level(logging.WARNING, logger="rewards.pipeline"):
+        out = pipeline(PROMPTS, COMPLETIONS)
+        out = pipeline(PROMPTS, COMPLETIONS)
+    assert out.components["broken"] == [None, None, None]
+    assert out.totals == [2.0, 2.0, -10.0]  # the healthy component still counts
+    assert out.metrics["rewards/broken/failed"] == 1.0
+    assert out.metrics["rewards/broken/failures_total"] == 2.0
+    assert out.metrics["rewards/broken/none_share"] == 1.0
+    assert out.metrics["rewards/safety/failed"] == 0.0
+    assert "reward 'broken' failed" in caplog.text and "reward model crashed" in caplog.text
+
+
+def test_on_error_raise_fails_fast():
+    config = {"on_error": "raise", "rewards": [{"name": "broken", "reward": "test_pipeline_raises"}]}
+    with pytest.raises(RewardError, match="reward 'broken' failed.*reward model crashed"):
+        RewardPipeline.from_dict(config)(PROMPTS, COMPLETIONS)
+
+
+def test_a_hanging_reward_times_out_without_stalling_the_others():
+    config = {"rewards": [
+        {"name": "safety", "reward": "test_pipeline_safety"},
+        {"name": "slow", "reward": "test_pipeline_hangs", "timeout_s": 0.3},
+    ]}
+    started = time.monotonic()
+    try:
+        out = RewardPipeline.from_dict(config)(PROMPTS, COMPLETIONS)
+    finally:
+        _release_hang.set()
+    assert time.monotonic() - started < 2.0
+    assert out.components["slow"] == [None, None, None]
+    assert out.metrics["rewards/slow/failed"] == 1.0
+    assert out.totals == [1.0, 1.0, -5.0]
+
+
+def test_rewards_run_concurrently():
+    # Two components that each sleep 0.5 s: in parallel the batch takes ~0.5 s, in series ~1 s.
+    @reward("test_pipeline_sleepy")
+    def sleepy(prompts, completions):
+        time.sleep(0.5)
+        return [0.0] * len(completions)
+
+    config = {"rewards": [{"name": "a", "reward": "test_pipeline_sleepy"}, {"name": "b", "reward": "test_pipeline_sleepy"}]}
+    pipeline = RewardPipeline.from_dict(config)
+    started = time.monotonic()
+    pipeline(PROMPTS, COMPLETIONS)
+    assert time.monotonic() - started < 0.9
+
+
+def test_none_is_left_out_zero_or_renormalised():
+    components = [
+        {"name": "math", "reward": "test_pipeline_math_only", "weight": 3.0},
+        {"name": "safety", "reward": "test_pipeline_safety", "weight": 1.0},
+    ]
+    answers = ["4", None, None]
+    completions = ["4", "Sure.", "a bomb"]
+    zero = RewardPipeline.from_dict({"rewards": components})(PROMPTS, completions, answer=answers)
+    assert zero.components["math"] == [1.0, None, None]
+    assert zero.totals == [3.0 + 1.0, 1.0, -5.0]
+    renorm = RewardPipeline.from_dict({"rewards": components, "missing": "renormalize"})(PROMPTS, completions, answer=answers)
+    # samples 2 and 3 lack the weight-3 component: the safety term is scaled by (3+1)/1
+    assert renorm.totals == [4.0, 4.0, -20.0]
+    assert zero.metrics["rewards/math/none_share"] == pytest.approx(2 / 3)
+
+
+def test_every_component_none_totals_zero():
+    pipeline = RewardPipeline.from_dict({"rewards": [{"name": "m", "reward": "test_pipeline_math_only"}], "missing": "renormalize"})
+    out = pipeline(["p"], ["x"], answer=[None])
+    assert out.totals == [0.0]
+    assert math.isnan(out.metrics["rewards/m/mean"])
+
+
+def test_batch_normalisation_zscores_a_component():
+    pipeline = stage2(rewards=[{"name": "helpful", "reward": "test_pipeline_helpful", "normalize": "batch"}])
+    out = pipeline(["p"] * 3, ["a", "a b", "a b c"])  # 1, 2, 3 words
+    scale = math.sqrt(2 / 3)
+    assert out.totals == pytest.approx([-1 / scale, 0.0, 1 / scale])
+    assert out.components["helpful"] == [1.0, 2.0, 3.0]  # components stay raw for logging
+
+
+def test_running_normalisation_remembers_earlier_batches():
+    pipeline = stage2(rewards=[{"name": "helpful", "reward": "test_pipeline_helpful", "normalize": "running"}])
+    pipeline(["p"] * 2, ["a", "a b c"])  # 1 and 3 words: mean 2, std 1
+    out = pipeline(["p"], ["a b c d e"])  # 5 words; running stats over 1, 3, 5: mean 3, std sqrt(8/3)
+    assert out.totals == pytest.approx([(5 - 3) / math.sqrt(8 / 3)])
+
+
+def test_recipe_yaml_maps_onto_the_config_one_to_one():
+    recipe = yaml.safe_load("""
+rewards:
+  missing: renormalize
+  timeout_s: 120
+  on_error: none
+  rewards:
+    - {name: helpful, reward: model, weight: 1.0, kwargs: {path: /ckpt/rm_helpful}}
+    - {name: safety, reward: model, weight: 0.5, kwargs: {path: /ckpt/rm_safety}, timeout_s: 60}
+    - {name: format, weight: 0.2, kwargs: {required_tags: [think]}, normalize: batch}
+""")
+    config = RewardPipelineConfig.from_dict(recipe["rewards"], source="recipes/x/grpo_stage2.yaml")
+    assert config.missing == "renormalize" and config.timeout_s == 120
+    assert config.rewards[1] == RewardSpec(name="safety", reward="model", weight=0.5,
+                                           kwargs={"path": "/ckpt/rm_safety"}, timeout_s=60)
+    assert config.rewards[2].reward is None and config.rewards[2].normalize == "batch"
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"rewards": [{"name": "math"}], "timeout": 5}, r"grpo\.yaml: unknown key 'timeout' for RewardPipelineConfig"),
+        ({"rewards": [{"name": "math", "wieght": 2}]}, r"grpo\.yaml: rewards\[0\]: unknown key 'wieght' for RewardSpec"),
+        ({"rewards": [{"name": "math", "weight": "high"}]}, r"key 'weight' of RewardSpec is 'high'"),
+        ({"rewards": [{"name": "math", "normalize": "minmax"}]}, r"key 'normalize' of RewardSpec is 'minmax'"),
+        ({"rewards": [{"weight": 1.0}]}, r"missing required key\(s\) name"),
+        ({"missing": "zero"}, r"missing required key\(s\) rewards"),
+    ],
+)
+def test_bad_recipe_keys_are_errors_naming_key_and_file(section, message):
+    with pytest.raises(ConfigError, match=message):
+        RewardPipelineConfig.from_dict(section, source="grpo.yaml")
+
+
+def test_duplicate_component_names_and_bad_kwargs_are_rejected():
+    with pytest.raises(ValueError, match="repeated: math"):
+        RewardPipelineConfig.from_dict({"rewards": [{"name": "math"}, {"name": "math"}]})
+    with pytest.raises(TypeError, match="reward 'format' got an unknown kwarg 'tags'"):
+        RewardPipeline.from_dict({"rewards": [{"name": "format", "kwargs": {"tags": ["think"]}}]})
+
+
+def test_stage1_with_builtin_math_code_format():
+    pipeline = RewardPipeline.from_dict({"rewards": [
+        {"name": "math", "weight": 1.0},
+        {"name": "format", "weight": 0.1, "kwargs": {"boxed_answer_at_end": True}},
+    ]})
+    out = pipeline(["2+2?", "3/4 as decimal?"], [r"It is \boxed{4}", "0.7"], answer=["4", "3/4"])
+    assert out.components == {"math": [1.0, 0.0], "format": [1.0, 0.0]}
+    assert out.totals == pytest.approx([1.1, 0.0])
