@@ -20,6 +20,7 @@ import pwd
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -126,12 +127,22 @@ def _limits(config: SandboxConfig) -> dict[str, int]:
     }
 
 
+def _read_untrusted(path: Path, cap: int) -> str:
+    """At most `cap` bytes of a file the sandboxed program could have replaced: read as root, so a
+    symlink (to a secret) or a FIFO (to hang us) there is refused, only a regular file is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return f.read(cap).decode(errors="replace")
+
+
 def _count_results(results_file: Path, total: int) -> tuple[int, bool]:
     """(tests passed, whether the program itself raised) from the harness's results file."""
-    if not results_file.exists():
-        return 0, False
-    with open(results_file, "rb") as f:
-        lines = f.read(_RESULTS_READ_CAP).decode(errors="replace").splitlines()
+    lines = _read_untrusted(results_file, _RESULTS_READ_CAP).splitlines()
     passed = {line.split()[1] for line in lines if line.startswith("pass ") and len(line.split()) == 2}
     passed &= {str(i) for i in range(total)}
     program_error = any(line.startswith("program_error") for line in lines)
@@ -163,7 +174,8 @@ def run_in_sandbox(program: str, tests: list[str], config: SandboxConfig | None 
             "env": {"LD_LIBRARY_PATH": str(run_dir / _PYTHON_MOUNT / "lib"), "TMPDIR": str(run_dir),
                     "HOME": str(run_dir), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         }
-        with open(run_dir / _OUTPUT_FILE, "wb") as output, tempfile.TemporaryFile() as launch_errors:
+        # Read back through our own descriptor: the program may replace the file's name, not our inode.
+        with open(run_dir / _OUTPUT_FILE, "w+b") as output, tempfile.TemporaryFile() as launch_errors:
             job["error_fd"] = launch_errors.fileno()
             launcher = subprocess.Popen(
                 [sys.executable, "-I", "-S", _sandbox_launcher.__file__, json.dumps(job)],
@@ -178,10 +190,10 @@ def run_in_sandbox(program: str, tests: list[str], config: SandboxConfig | None 
             duration = time.monotonic() - started
             launch_errors.seek(0)
             launch_error = launch_errors.read(_RESULTS_READ_CAP).decode(errors="replace").strip()
+            output.seek(0)
+            output_text = output.read(config.output_cap_bytes).decode(errors="replace")
         if launch_error:
             raise SandboxUnavailableError(f"could not run the code sandbox: {launch_error}")
-        with open(run_dir / _OUTPUT_FILE, "rb") as f:
-            output_text = f.read(config.output_cap_bytes).decode(errors="replace")
         passed, program_error = _count_results(run_dir / "results.txt", len(tests))
         if exit_code is None:
             status = "timeout"

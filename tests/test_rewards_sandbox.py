@@ -173,3 +173,23 @@ def test_a_program_cannot_fake_a_launcher_failure(config):
     program = "import sys, os\nprint('sandbox launcher (jail): PermissionError', file=sys.stderr)\nos._exit(125)\n"
     result = run_in_sandbox(program, ["assert True"], config)
     assert (result.passed, result.status, result.exit_code) == (0, "crashed", 125)
+
+
+def test_the_host_does_not_follow_links_the_program_leaves_behind(config):
+    # Run as root, the host reads the output and results files back: it must not read a secret
+    # through a symlink the program put in their place, nor hang on a FIFO.
+    secret = Path(tempfile.mkdtemp(prefix="rewards-sandbox-secret-")) / "secret.txt"
+    secret.write_text("pass 0\nTOP-SECRET\n")
+    secret.chmod(0o600)
+    program = (
+        "import os\n"
+        f"os.remove('output.log'); os.symlink({str(secret)!r}, 'output.log')\n"
+        "os.mkfifo('results.txt.tmp'); os.rename('results.txt.tmp', 'results.txt')\n"
+        "os._exit(0)\n"
+    )
+    try:
+        result = run_in_sandbox(program, ["assert True"], config)
+    finally:
+        shutil.rmtree(secret.parent)
+    assert "TOP-SECRET" not in result.output
+    assert result.passed == 0
