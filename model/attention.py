@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import DeepseekV2Config
 from .norm import RMSNorm
-from .rope import apply_rope_interleaved
+from .rope import rope_function
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -41,12 +41,13 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, heads * self.qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps, kernels=config.kernels)
             self.q_b_proj = nn.Linear(config.q_lora_rank, heads * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps, kernels=config.kernels)
         self.kv_b_proj = nn.Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(heads * self.v_dim, hidden, bias=bias)
+        self.apply_rope = rope_function(config.kernels)  # reference or Triton kernel, same formula
 
     # ------------------------------------------------------------------ pieces
     def project_query(self, h_BTD: torch.Tensor, cos_BTR2, sin_BTR2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,12 +58,12 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(h_BTD)))
         q_BHTK = q.view(B, T, self.num_heads, self.qk_dim).transpose(1, 2)
         q_nope_BHTN, q_pe_BHTR = q_BHTK.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope_BHTN, apply_rope_interleaved(q_pe_BHTR, cos_BTR2, sin_BTR2)
+        return q_nope_BHTN, self.apply_rope(q_pe_BHTR, cos_BTR2, sin_BTR2)
 
     def project_latent(self, h_BTD: torch.Tensor, cos_BTR2, sin_BTR2) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached part: (c_kv [B, T, C] normalised, k_pe [B, T, R] rotated)."""
         c_kv_BTC, k_pe_BTR = self.kv_a_proj_with_mqa(h_BTD).split([self.kv_rank, self.rope_dim], dim=-1)
-        k_pe_BTR = apply_rope_interleaved(k_pe_BTR[:, None], cos_BTR2, sin_BTR2)[:, 0]
+        k_pe_BTR = self.apply_rope(k_pe_BTR[:, None], cos_BTR2, sin_BTR2)[:, 0]
         return self.kv_a_layernorm(c_kv_BTC), k_pe_BTR
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,9 +51,9 @@ class DeepseekV2Output(ModelOutput):
 class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepseekV2Config, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
         self.self_attn = MultiHeadLatentAttention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = DeepSeekMoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -109,7 +109,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=config.kernels)
         inv_freq_R2, cos_scale = rope_inv_freq(config)
         # Not a buffer: derived from the config, never saved, and safe to build on the meta device.
         self._rope = (inv_freq_R2.to("cpu"), cos_scale)

@@ -143,9 +143,10 @@ class RoutedExperts(nn.Module):
     (C = the most tokens any expert got), three batched matmuls, then a weighted scatter-add back.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, kernels: str = "torch"):
         super().__init__()
         self.num_experts = num_experts
+        self.kernels = kernels  # "torch": the reference below; "triton": model.kernels.moe (fused grouped GEMMs)
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
@@ -162,6 +163,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor,
                 keep_NK: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernels == "triton":
+            from .kernels.moe import moe_experts
+
+            return moe_experts(x_ND, self.gate_proj, self.up_proj, self.down_proj, expert_ids_NK, weights_NK, keep_NK)
         N, D = x_ND.shape
         K = expert_ids_NK.shape[1]
         expert_A = expert_ids_NK.reshape(-1)

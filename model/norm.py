@@ -11,12 +11,17 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "torch"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels = kernels  # "torch": the reference below; "triton": model.kernels.rmsnorm (one fused pass)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":
+            from .kernels.rmsnorm import rms_norm
+
+            return rms_norm(x_ND, self.weight, self.eps)
         x32_ND = x_ND.float()
         normed_ND = x32_ND * torch.rsqrt(x32_ND.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed_ND.to(x_ND.dtype)

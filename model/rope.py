@@ -73,3 +73,12 @@ def apply_rope_interleaved(x_BHTR: torch.Tensor, cos_BTR2: torch.Tensor, sin_BTR
     sin = sin_BTR2.float()[:, None]
     out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return out.flatten(-2).to(x_BHTR.dtype)
+
+
+def rope_function(kernels: str):
+    """The rotation for a compute path: the reference above, or the Triton kernel (kernels="triton")."""
+    if kernels == "triton":
+        from .kernels.rope import apply_rope_interleaved_triton
+
+        return apply_rope_interleaved_triton
+    return apply_rope_interleaved
