@@ -1,0 +1,154 @@
+"""MLA decode attention over the latent cache with absorbed weights, split over the context (Triton).
+
+Shape legend: B sequences, H heads, C kv_lora_rank, R qk_rope_head_dim, S cache length,
+P context splits.
+
+One new token per sequence; W_UK is already folded into the query (q_lat = q_nope·W_UK, [B, H, C]) and
+W_UV is applied by the caller to the latent output, so this is MQA with one shared (C+R)-wide key:
+    score_{b,h,s} = (q_lat_{b,h}·c_kv_{b,s} + q_pe_{b,h}·k_pe_{b,s}) · softmax_scale,  s ∈ [start_b, end_b)
+    out_lat_{b,h} = Σ_s softmax_s(score) · c_kv_{b,s}                               [B, H, C]
+[start_b, end_b) is each sequence's key range: a left-padded batch starts later, a shorter one
+ends earlier (ragged). Keys outside it are never read. A sequence with an empty range gives nan, as
+the reference's softmax over all −inf does.
+
+Fused (`_mla_decode_kernel`): per (sequence, split) program, all H heads share every latent tile
+read (the cache is read once per split, not once per head), QKᵀ for the latent and rope parts,
+online softmax in fp32, and P·c_kv — scores never leave registers. Split-K over the context: each
+program covers 1/P of [0, S) intersected with the sequence's range, so a small batch still fills the
+GPU; `_mla_decode_combine_kernel` merges the P partial (max, sum, output) per head. Inference only
+(no autograd). Reference: `MultiHeadLatentAttention._absorb` in model/attention.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import check_inputs, dot_precision, interpreting, next_pow2
+
+_NEG_BIG = -1.0e30
+
+
+@triton.jit
+def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_ptr, acc_ptr, ml_ptr,
+                       H, C, R, keys_per_split, scale,
+                       sq_b, sq_h, sp_b, sp_h, sc_b, sc_s, sk_b, sk_s,
+                       PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    h_H = tl.arange(0, BLOCK_H)
+    c_C = tl.arange(0, BLOCK_C)
+    r_R = tl.arange(0, BLOCK_R)
+    q_lat_HC = tl.load(q_lat_ptr + b * sq_b + h_H[:, None] * sq_h + c_C[None, :],
+                       mask=(h_H[:, None] < H) & (c_C[None, :] < C), other=0.0)
+    q_pe_HR = tl.load(q_pe_ptr + b * sp_b + h_H[:, None] * sp_h + r_R[None, :],
+                      mask=(h_H[:, None] < H) & (r_R[None, :] < R), other=0.0)
+    lo = tl.maximum(tl.load(start_ptr + b), split * keys_per_split)
+    hi = tl.minimum(tl.load(end_ptr + b), (split + 1) * keys_per_split)
+    m_H = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
+    l_H = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_HC = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        s_S = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+        s_ok_S = s_S < hi
+        c_SC = tl.load(c_kv_ptr + b * sc_b + s_S[:, None] * sc_s + c_C[None, :],
+                       mask=s_ok_S[:, None] & (c_C[None, :] < C), other=0.0)
+        pe_SR = tl.load(k_pe_ptr + b * sk_b + s_S[:, None] * sk_s + r_R[None, :],
+                        mask=s_ok_S[:, None] & (r_R[None, :] < R), other=0.0)
+        scores_HS = tl.dot(q_lat_HC, tl.trans(c_SC), input_precision=PRECISION)
+        scores_HS = tl.dot(q_pe_HR, tl.trans(pe_SR), scores_HS, input_precision=PRECISION)
+        scores_HS = tl.where(s_ok_S[None, :], scores_HS * scale, float("-inf"))
+        m_new_H = tl.maximum(m_H, tl.max(scores_HS, axis=1))
+        alpha_H = tl.exp(m_H - m_new_H)
+        p_HS = tl.exp(scores_HS - m_new_H[:, None])
+        l_H = l_H * alpha_H + tl.sum(p_HS, axis=1)
+        acc_HC = acc_HC * alpha_H[:, None] + tl.dot(p_HS.to(c_SC.dtype), c_SC, input_precision=PRECISION)
+        m_H = m_new_H
+    part = (b * n_splits + split) * BLOCK_H
+    tl.store(acc_ptr + (part + h_H[:, None]) * BLOCK_C + c_C[None, :], acc_HC)
+    tl.store(ml_ptr + (part + h_H) * 2, m_H)
+    tl.store(ml_ptr + (part + h_H) * 2 + 1, l_H)
+
+
+@triton.jit
+def _mla_decode_combine_kernel(acc_ptr, ml_ptr, out_ptr, H, C, n_splits, so_b, so_h,
+                               BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h_H = tl.arange(0, BLOCK_H)
+    c_C = tl.arange(0, BLOCK_C)
+    m_H = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
+    for split in range(n_splits):
+        m_H = tl.maximum(m_H, tl.load(ml_ptr + ((b * n_splits + split) * BLOCK_H + h_H) * 2))
+    l_H = tl.zeros([BLOCK_H], dtype=tl.float32)
+    out_HC = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for split in range(n_splits):
+        part = (b * n_splits + split) * BLOCK_H
+        w_H = tl.exp(tl.load(ml_ptr + (part + h_H) * 2) - m_H)
+        l_H += w_H * tl.load(ml_ptr + (part + h_H) * 2 + 1)
+        out_HC += w_H[:, None] * tl.load(acc_ptr + (part + h_H[:, None]) * BLOCK_C + c_C[None, :])
+    out_HC = out_HC / l_H[:, None]  # 0/0 = nan for an empty key range, as in the reference
+    tl.store(out_ptr + b * so_b + h_H[:, None] * so_h + c_C[None, :], out_HC.to(out_ptr.dtype.element_ty),
+             mask=(h_H[:, None] < H) & (c_C[None, :] < C))
+
+
+def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.Tensor, k_pe_BSR: torch.Tensor,
+               start_B: torch.Tensor, end_B: torch.Tensor, softmax_scale: float,
+               num_splits: int | None = None) -> torch.Tensor:
+    """Latent attention output [B, H, C] (dtype of c_kv) of one query token per sequence.
+
+    c_kv / k_pe may be strided views into one [B, S, C+R] cache (last dim contiguous).
+    start_B / end_B: int tensors, the key range [start_b, end_b) of each sequence.
+    """
+    check_inputs("mla_decode", q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR)
+    B, H, C = q_lat_BHC.shape
+    _, S, R = k_pe_BSR.shape
+    if q_pe_BHR.shape != (B, H, R) or c_kv_BSC.shape != (B, S, C) or start_B.shape != (B,) or end_B.shape != (B,):
+        raise ValueError(f"mla_decode: shapes q_lat {tuple(q_lat_BHC.shape)}, q_pe {tuple(q_pe_BHR.shape)}, "
+                         f"c_kv {tuple(c_kv_BSC.shape)}, k_pe {tuple(k_pe_BSR.shape)}, ranges {tuple(start_B.shape)}")
+    if len({q_lat_BHC.dtype, q_pe_BHR.dtype, c_kv_BSC.dtype, k_pe_BSR.dtype}) != 1:
+        raise TypeError("mla_decode: query and cache must share a dtype")
+    tensors = [q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR]
+    q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR = (t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+    BLOCK_H, BLOCK_C, BLOCK_R = max(16, next_pow2(H)), next_pow2(C), max(16, next_pow2(R))
+    BLOCK_S = 64 if interpreting() else (32 if BLOCK_C >= 512 else 64)
+    if num_splits is None:
+        if interpreting():
+            num_splits = 2
+        else:
+            sms = torch.cuda.get_device_properties(c_kv_BSC.device).multi_processor_count
+            num_splits = triton.cdiv(2 * sms, B)
+    num_splits = max(1, min(num_splits, triton.cdiv(max(S, 1), BLOCK_S)))
+    keys_per_split = triton.cdiv(triton.cdiv(max(S, 1), num_splits), BLOCK_S) * BLOCK_S
+    acc = torch.empty(B, num_splits, BLOCK_H, BLOCK_C, dtype=torch.float32, device=c_kv_BSC.device)
+    ml = torch.empty(B, num_splits, BLOCK_H, 2, dtype=torch.float32, device=c_kv_BSC.device)
+    out_BHC = torch.empty(B, H, C, dtype=c_kv_BSC.dtype, device=c_kv_BSC.device)
+    if B == 0:
+        return out_BHC
+    start_B, end_B = start_B.to(torch.int32).contiguous(), end_B.to(torch.int32).contiguous()
+    _mla_decode_kernel[(B, num_splits)](
+        q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR, start_B, end_B, acc, ml, H, C, R, keys_per_split, softmax_scale,
+        q_lat_BHC.stride(0), q_lat_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
+        c_kv_BSC.stride(0), c_kv_BSC.stride(1), k_pe_BSR.stride(0), k_pe_BSR.stride(1),
+        PRECISION=dot_precision(c_kv_BSC.dtype), BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
+        BLOCK_S=BLOCK_S, num_warps=4 if interpreting() else 8, num_stages=2)
+    _mla_decode_combine_kernel[(B,)](acc, ml, out_BHC, H, C, num_splits, out_BHC.stride(0), out_BHC.stride(1),
+                                     BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, num_warps=8)
+    return out_BHC
+
+
+def decode_key_ranges(mask_B1TS: torch.Tensor | None, B: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(start_B, end_B) when every row of a one-query mask is one contiguous run of True (or no mask:
+    all S keys); None when some row is not (the caller then uses the reference path)."""
+    if mask_B1TS is None:
+        return (torch.zeros(B, dtype=torch.int32, device=device), torch.full((B,), S, dtype=torch.int32, device=device))
+    valid_BS = mask_B1TS[:, 0, -1, :].expand(B, S).to(torch.int32)
+    start_B = valid_BS.argmax(1)
+    end_B = S - valid_BS.flip(1).argmax(1)
+    count_B = valid_BS.sum(1)
+    end_B = torch.where(count_B > 0, end_B, start_B)  # no key at all: an empty range
+    if not bool((end_B - start_B == count_B).all()):  # one host sync per call
+        return None
+    return start_B.to(torch.int32), end_B.to(torch.int32)
