@@ -109,9 +109,7 @@ class MultiHeadLatentAttention(nn.Module):
     def _absorb(self, q_nope_BHTN, q_pe_BHTR, c_kv_BSC, k_pe_BSR, mask_B1TS) -> torch.Tensor:
         w_uk_HNC, w_uv_HVC = self.absorbed_weights()
         if self.config.kernels == "triton" and q_nope_BHTN.shape[2] == 1 and not torch.is_grad_enabled():
-            out_BHTV = self._absorb_decode_kernel(q_nope_BHTN, q_pe_BHTR, c_kv_BSC, k_pe_BSR, mask_B1TS)
-            if out_BHTV is not None:
-                return out_BHTV
+            return self._absorb_decode_kernel(q_nope_BHTN, q_pe_BHTR, c_kv_BSC, k_pe_BSR, mask_B1TS)
         q_lat_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC)
         scores_BHTS = (torch.einsum("bhtc,bsc->bhts", q_lat_BHTC, c_kv_BSC)
                        + torch.einsum("bhtr,bsr->bhts", q_pe_BHTR, k_pe_BSR)).float() * self.softmax_scale
@@ -123,16 +121,15 @@ class MultiHeadLatentAttention(nn.Module):
         out_lat_BHTC = torch.einsum("bhts,bsc->bhtc", probs_BHTS, c_kv_BSC)
         return torch.einsum("bhtc,hvc->bhtv", out_lat_BHTC, w_uv_HVC)
 
-    def _absorb_decode_kernel(self, q_nope_BHTN, q_pe_BHTR, c_kv_BSC, k_pe_BSR, mask_B1TS) -> torch.Tensor | None:
-        """One decode token per sequence through model.kernels.mla_decode; None (→ reference path) when
-        some row's mask is not one contiguous key range."""
+    def _absorb_decode_kernel(self, q_nope_BHTN, q_pe_BHTR, c_kv_BSC, k_pe_BSR, mask_B1TS) -> torch.Tensor:
+        """One decode token per sequence through model.kernels.mla_decode: per-row key range
+        [first, last attended key] from the mask (left padding, ragged lengths), no host sync."""
         from .kernels.mla_decode import decode_key_ranges, mla_decode
 
         B, S = c_kv_BSC.shape[:2]
-        ranges = decode_key_ranges(mask_B1TS, B, S, c_kv_BSC.device)
-        if ranges is None:
-            return None
+        start_B, end_B, key_mask_BS = decode_key_ranges(mask_B1TS, B, S, c_kv_BSC.device)
         w_uk_HNC, w_uv_HVC = self.absorbed_weights()
         q_lat_BHC = torch.einsum("bhn,hnc->bhc", q_nope_BHTN[:, :, 0], w_uk_HNC)
-        out_lat_BHC = mla_decode(q_lat_BHC, q_pe_BHTR[:, :, 0], c_kv_BSC, k_pe_BSR, *ranges, self.softmax_scale)
+        out_lat_BHC = mla_decode(q_lat_BHC, q_pe_BHTR[:, :, 0], c_kv_BSC, k_pe_BSR, start_B, end_B,
+                                 self.softmax_scale, key_mask_BS)
         return torch.einsum("bhc,hvc->bhv", out_lat_BHC, w_uv_HVC)[:, :, None]

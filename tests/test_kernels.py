@@ -288,23 +288,42 @@ def test_mla_decode(dtype, B, S, ranges):
         out = ker_attn.to(DEVICE, dtype)._absorb_decode_kernel(*args)
         ref = ref_attn.to(DEVICE, dtype)._absorb(*args)
         ref64 = ref_attn.to(DEVICE, torch.float64)._absorb(*(a.double() if a.is_floating_point() else a for a in args))
-    assert out is not None, "contiguous ranges must take the kernel path"
     assert_matches(f"mla_decode{(B, S)}", out, ref, ref64)
 
 
-def test_mla_decode_key_ranges():
-    """Ranges come from the mask; a row with a hole is not one range (the caller falls back)."""
+def test_mla_decode_key_ranges_and_holes():
+    """Ranges come from the mask without a host sync; a hole inside a row's range is masked too."""
     from model.kernels.mla_decode import decode_key_ranges
 
     mask = torch.zeros(3, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., 2:] = True
     mask[1, ..., 0:4] = True
-    start, end = decode_key_ranges(mask, 3, 9, "cpu")
+    start, end, _ = decode_key_ranges(mask, 3, 9, "cpu")
     assert start.tolist() == [2, 0, 0] and end.tolist() == [9, 4, 0]
-    mask[1, ..., 2] = False
-    assert decode_key_ranges(mask, 3, 9, "cpu") is None
-    start, end = decode_key_ranges(None, 2, 5, "cpu")
-    assert start.tolist() == [0, 0] and end.tolist() == [5, 5]
+    start, end, key_mask = decode_key_ranges(None, 2, 5, "cpu")
+    assert start.tolist() == [0, 0] and end.tolist() == [5, 5] and key_mask is None
+
+
+def test_mla_decode_mask_with_hole():
+    from model.attention import MultiHeadLatentAttention
+    from model.config import DeepseekV2Config
+
+    torch.manual_seed(24)
+    ref_attn = MultiHeadLatentAttention(DeepseekV2Config.preset("tiny", initializer_range=0.1), 0)
+    ker_attn = MultiHeadLatentAttention(DeepseekV2Config.preset("tiny", initializer_range=0.1, kernels="triton"), 0)
+    ker_attn.load_state_dict(ref_attn.state_dict())
+    ref_attn, ker_attn = ref_attn.to(DEVICE), ker_attn.to(DEVICE)
+    B, S = 2, 40
+    args = (_randn(B, 4, 1, 32, dtype=torch.float32, seed=25), _randn(B, 4, 1, 64, dtype=torch.float32, seed=26),
+            _randn(B, S, 512, dtype=torch.float32, seed=27), _randn(B, S, 64, dtype=torch.float32, seed=28))
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=DEVICE)
+    mask[0, ..., 10:20] = False  # a hole
+    mask[1, ..., :3] = False
+    with torch.no_grad():
+        out = ker_attn._absorb_decode_kernel(*args, mask)
+        ref = ref_attn._absorb(*args, mask)
+        ref64 = ref_attn.double()._absorb(*(a.double() for a in args), mask)
+    assert_matches("mla_decode hole", out, ref, ref64)
 
 
 # ---------------------------------------------------------------------------------------- whole model

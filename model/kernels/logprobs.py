@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._util import check_inputs, dot_precision, interpreting
 
-_NEG_BIG = -1.0e30  # finite "minus infinity" for the running max, so empty tiles never make inf − inf
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so empty tiles never make inf − inf
 
 
 @triton.jit

@@ -8,8 +8,9 @@ W_UV is applied by the caller to the latent output, so this is MQA with one shar
     score_{b,h,s} = (q_lat_{b,h}·c_kv_{b,s} + q_pe_{b,h}·k_pe_{b,s}) · softmax_scale,  s ∈ [start_b, end_b)
     out_lat_{b,h} = Σ_s softmax_s(score) · c_kv_{b,s}                               [B, H, C]
 [start_b, end_b) is each sequence's key range: a left-padded batch starts later, a shorter one
-ends earlier (ragged). Keys outside it are never read. A sequence with an empty range gives nan, as
-the reference's softmax over all −inf does.
+ends earlier (ragged). Keys outside it are never read; an optional [B, S] key mask drops keys inside
+it (any boolean decode mask works, no host sync). A sequence with no key gives nan, as the
+reference's softmax over all −inf does.
 
 Fused (`_mla_decode_kernel`): per (sequence, split) program, all H heads share every latent tile
 read (the cache is read once per split, not once per head), QKᵀ for the latent and rope parts,
@@ -27,14 +28,14 @@ import triton.language as tl
 
 from ._util import check_inputs, dot_precision, interpreting, next_pow2
 
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_ptr, acc_ptr, ml_ptr,
+def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_ptr, key_mask_ptr, acc_ptr, ml_ptr,
                        H, C, R, keys_per_split, scale,
-                       sq_b, sq_h, sp_b, sp_h, sc_b, sc_s, sk_b, sk_s,
-                       PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                       sq_b, sq_h, sp_b, sp_h, sc_b, sc_s, sk_b, sk_s, sm_b,
+                       HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -54,6 +55,8 @@ def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_p
     for s0 in range(lo, hi, BLOCK_S):
         s_S = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
         s_ok_S = s_S < hi
+        if HAS_MASK:  # holes inside the range (rare: e.g. a padded token in mid-sequence)
+            s_ok_S = s_ok_S & (tl.load(key_mask_ptr + b * sm_b + s_S, mask=s_ok_S, other=0) != 0)
         c_SC = tl.load(c_kv_ptr + b * sc_b + s_S[:, None] * sc_s + c_C[None, :],
                        mask=s_ok_S[:, None] & (c_C[None, :] < C), other=0.0)
         pe_SR = tl.load(k_pe_ptr + b * sk_b + s_S[:, None] * sk_s + r_R[None, :],
@@ -96,11 +99,12 @@ def _mla_decode_combine_kernel(acc_ptr, ml_ptr, out_ptr, H, C, n_splits, so_b, s
 
 def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.Tensor, k_pe_BSR: torch.Tensor,
                start_B: torch.Tensor, end_B: torch.Tensor, softmax_scale: float,
-               num_splits: int | None = None) -> torch.Tensor:
+               key_mask_BS: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Latent attention output [B, H, C] (dtype of c_kv) of one query token per sequence.
 
     c_kv / k_pe may be strided views into one [B, S, C+R] cache (last dim contiguous).
-    start_B / end_B: int tensors, the key range [start_b, end_b) of each sequence.
+    start_B / end_B: int tensors, the key range [start_b, end_b) of each sequence (only it is read).
+    key_mask_BS: optional bool/int8 [B, S], keys inside the range that are nevertheless masked out.
     """
     check_inputs("mla_decode", q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR)
     B, H, C = q_lat_BHC.shape
@@ -128,10 +132,16 @@ def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.
     if B == 0:
         return out_BHC
     start_B, end_B = start_B.to(torch.int32).contiguous(), end_B.to(torch.int32).contiguous()
+    if key_mask_BS is not None:
+        if key_mask_BS.shape != (B, S):
+            raise ValueError(f"mla_decode: key mask {tuple(key_mask_BS.shape)}, expected {(B, S)}")
+        key_mask_BS = key_mask_BS.to(torch.int8).contiguous()
     _mla_decode_kernel[(B, num_splits)](
-        q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR, start_B, end_B, acc, ml, H, C, R, keys_per_split, softmax_scale,
+        q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR, start_B, end_B,
+        key_mask_BS if key_mask_BS is not None else start_B, acc, ml, H, C, R, keys_per_split, softmax_scale,
         q_lat_BHC.stride(0), q_lat_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
         c_kv_BSC.stride(0), c_kv_BSC.stride(1), k_pe_BSR.stride(0), k_pe_BSR.stride(1),
+        key_mask_BS.stride(0) if key_mask_BS is not None else 0, HAS_MASK=key_mask_BS is not None,
         PRECISION=dot_precision(c_kv_BSC.dtype), BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
         BLOCK_S=BLOCK_S, num_warps=4 if interpreting() else 8, num_stages=2)
     _mla_decode_combine_kernel[(B,)](acc, ml, out_BHC, H, C, num_splits, out_BHC.stride(0), out_BHC.stride(1),
@@ -139,16 +149,18 @@ def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.
     return out_BHC
 
 
-def decode_key_ranges(mask_B1TS: torch.Tensor | None, B: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(start_B, end_B) when every row of a one-query mask is one contiguous run of True (or no mask:
-    all S keys); None when some row is not (the caller then uses the reference path)."""
+def decode_key_ranges(mask_B1TS: torch.Tensor | None, B: int, S: int, device):
+    """(start_B, end_B, key_mask_BS or None) for a one-query boolean mask, without a host sync.
+
+    [start, end) spans the first to the last True key of each row (left padding moves start, a shorter
+    sequence moves end); the mask itself is passed on only when some row has a hole inside its range,
+    which `mla_decode` then also honours — checking that would need a host sync, so the mask is always
+    passed when given (reading B·S bytes against B·S·(C+R)·2 of cache is free)."""
     if mask_B1TS is None:
-        return (torch.zeros(B, dtype=torch.int32, device=device), torch.full((B,), S, dtype=torch.int32, device=device))
-    valid_BS = mask_B1TS[:, 0, -1, :].expand(B, S).to(torch.int32)
+        return (torch.zeros(B, dtype=torch.int32, device=device), torch.full((B,), S, dtype=torch.int32, device=device),
+                None)
+    valid_BS = mask_B1TS[:, 0, -1, :].expand(B, S).to(torch.int8)
     start_B = valid_BS.argmax(1)
     end_B = S - valid_BS.flip(1).argmax(1)
-    count_B = valid_BS.sum(1)
-    end_B = torch.where(count_B > 0, end_B, start_B)  # no key at all: an empty range
-    if not bool((end_B - start_B == count_B).all()):  # one host sync per call
-        return None
-    return start_B.to(torch.int32), end_B.to(torch.int32)
+    end_B = torch.where(valid_BS.amax(1) > 0, end_B, start_B)  # no key at all: an empty range (nan)
+    return start_B.to(torch.int32), end_B.to(torch.int32), valid_BS
