@@ -233,11 +233,14 @@ class DeepSeekMoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         scores_NE = self.gate(x_ND)
+        n_groups, groups_per_token = cfg.routing_groups
+        expert_ids_NK = limited_topk(scores_NE, cfg.num_experts_per_tok, n_groups, groups_per_token)
         if replay_ids_BTK is not None:
-            expert_ids_NK = replay_ids_BTK.reshape(B * T, -1).to(torch.long)
-        else:
-            n_groups, groups_per_token = cfg.routing_groups
-            expert_ids_NK = limited_topk(scores_NE, cfg.num_experts_per_tok, n_groups, groups_per_token)
+            # Routing replay: use the recorded experts; a row containing -1 (not recorded, e.g. the
+            # last sampled token) keeps the gate's own choice.
+            replay_NK = replay_ids_BTK.reshape(B * T, -1).to(device=x_BTD.device, dtype=torch.long)
+            recorded_N1 = (replay_NK >= 0).all(-1, keepdim=True)
+            expert_ids_NK = torch.where(recorded_N1, replay_NK, expert_ids_NK)
         weights_NK = gate_weights(scores_NE, expert_ids_NK, cfg)
         kept_NK = None
         if self.training and cfg.capacity_factor is not None:
