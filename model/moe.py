@@ -223,7 +223,8 @@ class DeepSeekMoE(nn.Module):
         super().__init__()
         self.config = config
         self.gate = Router(config.n_routed_experts, config.hidden_size)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                                     kernels=config.kernels)
         self.shared_experts = (SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts else None)
 

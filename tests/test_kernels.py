@@ -357,11 +357,8 @@ def _tiny_models():
     for kernels in ("torch", "triton"):
         torch.manual_seed(21)
         model = DeepseekV2ForCausalLM(DeepseekV2Config.preset("tiny", initializer_range=0.1, kernels=kernels))
-        for module in model.modules():
-            # DeepSeekMoE builds RoutedExperts without the switch (model/moe.py belongs to the lead):
-            # set it from the config until DeepSeekMoE passes kernels=config.kernels itself.
-            if isinstance(module, RoutedExperts):
-                module.kernels = kernels
+        # the config switch alone must reach the experts
+        assert all(m.kernels == kernels for m in model.modules() if isinstance(m, RoutedExperts))
         models[kernels] = model.to(DEVICE)
     return models
 
