@@ -147,7 +147,18 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         valid_BT = (attention_mask[:, past:].bool() if attention_mask is not None
                     else torch.ones(B, T, dtype=torch.bool, device=device))
         mask_B1TS = None
-        if padded or past > 0:
+        # Packed rows (TRL's padding-free packing): positions restart at 0 where a new sample begins;
+        # attention must stay inside each sample, so the mask becomes block-diagonal causal.
+        packed = position_ids is not None and past == 0 and T > 1 and bool((position_ids[:, 1:] == 0).any())
+        if packed:
+            segment_BT = (position_ids == 0).long().cumsum(-1)
+            same_sample_BTT = segment_BT[:, :, None] == segment_BT[:, None, :]
+            causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask_B1TS = (same_sample_BTT & causal_TT)[:, None]
+            if attention_mask is not None:
+                mask_B1TS = mask_B1TS & attention_mask.bool()[:, None, None, :]
+            mask_B1TS = mask_B1TS | torch.eye(T, dtype=torch.bool, device=device)
+        elif padded or past > 0:
             query_pos_T1 = torch.arange(past, S, device=device)[:, None]
             key_pos_1S = torch.arange(S, device=device)[None]
             mask_B1TS = (key_pos_1S <= query_pos_T1)[None, None].expand(B, 1, T, S)

@@ -88,3 +88,17 @@ def test_num_items_in_batch_normalises_the_summed_loss():
     mean = lm(ids, labels=labels).loss
     summed = lm(ids, labels=labels, num_items_in_batch=torch.tensor(12)).loss
     torch.testing.assert_close(summed, mean)  # 2 rows × (10 − 4 masked − 1 shifted) = 12 targets
+
+
+def test_packed_rows_do_not_attend_across_samples():
+    """Padding-free packing: position_ids restart per sample; each sample's logits equal its own pass."""
+    lm = tiny_lm().eval()
+    a, b = torch.randint(3, 512, (1, 7)), torch.randint(3, 512, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        out = lm(packed, position_ids=positions).logits
+        torch.testing.assert_close(out[:, :7], lm(a).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:, 7:], lm(b).logits, atol=1e-5, rtol=0)
+        leaky = lm(packed).logits[:, 7:]  # without the restart, b would see a
+        assert (leaky - lm(b).logits).abs().max() > 1e-3
