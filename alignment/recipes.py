@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,21 @@ STAGES: dict[str, tuple[str, str]] = {
 # Fields holding paths that must exist when the recipe runs (a later stage's input may be an earlier
 # stage's output, so `validate(check_paths=False)` skips this for chained recipes).
 PATH_FIELDS = ("train_files", "eval_files", "name_or_path", "tokenizer_path", "path", "init_from")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; in a recipe it is always meant as a float."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 class RecipeError(ValueError):
@@ -58,7 +74,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
                 raise RecipeError(f"{source}: override {key!r}: {part!r} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(text)
+            node[parts[-1]] = _load_yaml(text)
         except yaml.YAMLError as err:
             raise RecipeError(f"{source}: override {key!r}: value is not valid YAML ({err})") from err
     return raw
@@ -71,7 +87,7 @@ def read_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[str, dict[
     if not path.is_file():
         raise RecipeError(f"{source}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{source}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
