@@ -7,14 +7,19 @@ Prompts are left-padded; the prefill writes [c_kv ; k_pe] for every prompt token
 `LatentCache`, then each step feeds one token per sequence and attends over the latent with absorbed
 weights. Finished sequences leave the batch (their cache rows are dropped).
 
-Logprobs reported per sampled token are log-softmax(logits / temperature) — the policy the sample
-was drawn from before top-k / top-p truncation, which is what a trainer recomputes (with
-temperature 0, greedy, the raw log-softmax).
+Logprobs reported per sampled token (`SamplingConfig.logprobs_mode`):
+- `scaled` (default): log-softmax(logits / temperature) over the whole vocabulary, before top-k /
+  top-p truncation — what a trainer recomputes;
+- `processed`: log-softmax over the distribution actually sampled from, after temperature and
+  top-k / top-p (truncated tokens get −inf, the rest renormalise) — vLLM's `processed_logprobs`, so
+  that our engine and vLLM report the same numbers. Without top-k / top-p the two are equal.
+With temperature 0 (greedy) both are the raw log-softmax.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -35,6 +40,8 @@ class SamplingConfig:
     """Tokens that end a sequence (kept in the output; finish reason `stop`)."""
     seed: int | None = None
     """Seed of the sampling generator (None = torch's global RNG)."""
+    logprobs_mode: Literal["scaled", "processed"] = "scaled"
+    """Which log-softmax the reported logprobs are (module docstring): before or after top-k/top-p."""
 
 
 @dataclass
@@ -69,9 +76,10 @@ def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, generator: torch.G
         tokens_B = logits_BV.argmax(-1)
         return tokens_B, logits_BV.log_softmax(-1).gather(1, tokens_B[:, None])[:, 0]
     scaled_BV = logits_BV / cfg.temperature
-    probs_BV = filter_logits(scaled_BV, cfg.top_k, cfg.top_p).softmax(-1)
-    tokens_B = torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
-    return tokens_B, scaled_BV.log_softmax(-1).gather(1, tokens_B[:, None])[:, 0]
+    filtered_BV = filter_logits(scaled_BV, cfg.top_k, cfg.top_p)
+    tokens_B = torch.multinomial(filtered_BV.softmax(-1), 1, generator=generator)[:, 0]
+    reported_BV = filtered_BV if cfg.logprobs_mode == "processed" else scaled_BV
+    return tokens_B, reported_BV.log_softmax(-1).gather(1, tokens_B[:, None])[:, 0]
 
 
 @torch.no_grad()
