@@ -83,6 +83,8 @@ class GRPOConfig:
     """AdamW weight decay."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     """AdamW (β1, β2)."""
+    adam_eps: float = 1e-8
+    """AdamW ε."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     warmup_steps: int = 0

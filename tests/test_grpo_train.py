@@ -1,0 +1,355 @@
+"""The GRPO trainer end to end on the CPU: it learns, it shards, it resumes.
+
+- A tiny SFT'd DeepseekV2 (alignment/grpo/tiny.py: a plain seeded SFT loop on the shipped arithmetic task,
+  held-out greedy accuracy strictly between 0 and 100%) is trained with GRPO for a fixed number of seeded
+  steps: the held-out accuracy and the training reward must rise by the margins stated in the tests.
+- 1 process vs `accelerate launch --multi_gpu --num_processes 2` (gloo DDP on the CPU): the same
+  parameters after one step of the same global batch.
+- `kill -9` mid-run, resume: the final parameters equal those of an uninterrupted run, bit for bit.
+- Stage chaining: stage 2 starts from stage 1's final model, with its own reward pipeline.
+- Dynamic sampling refills, overlong masking and routing replay run through the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT_STEPS = 300
+"""SFT steps of the fixture model (see alignment/grpo/tiny.py for the accuracies this gives)."""
+
+DRIVER = '''
+import json, sys
+import torch
+torch.set_num_threads(1)
+from alignment.data import DataConfig
+from alignment.grpo import GRPOConfig
+from alignment.grpo.trainer import run_grpo
+from alignment.sft import ModelConfig
+from rewards.pipeline import RewardPipelineConfig
+from rollout import RolloutConfig
+
+spec = json.load(open(sys.argv[1]))
+run_grpo(ModelConfig(name_or_path=spec["model"]), DataConfig(train_files=[spec["train"]]),
+         RolloutConfig(**spec["rollout"]), RewardPipelineConfig.from_dict(spec["rewards"]),
+         GRPOConfig(**spec["grpo"]), spec["out"])
+'''
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tasks")
+    subprocess.run([sys.executable, "-m", "alignment.tasks", "build", "--out", str(out)], check=True, cwd=ROOT,
+                   env=_env(), capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_model(tasks_dir, tmp_path_factory):
+    """(checkpoint dir, held-out greedy accuracy) of the tiny SFT'd model."""
+    from alignment.grpo.tiny import tiny_sft_checkpoint
+
+    out = tmp_path_factory.mktemp("sft")
+    with torch.random.fork_rng():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            accuracy = tiny_sft_checkpoint(tasks_dir, out, steps=SFT_STEPS)
+        finally:
+            torch.set_num_threads(threads)
+    assert 0.02 < accuracy < 0.9, accuracy
+    return out, accuracy
+
+
+def _spec(sft_model, tasks_dir, out, **grpo):
+    base = dict(prompts_per_step=4, group_size=4, micro_batch_size=4, max_new_tokens=24, temperature=1.0,
+                learning_rate=2e-4, beta=0.04, max_steps=1, save_every=1, progress_bar=False, tensorboard=False,
+                seed=3)
+    base.update(grpo)
+    return {"model": str(sft_model[0]), "train": str(tasks_dir / "math_grpo" / "train.jsonl"),
+            "rollout": {"backend": "native", "max_model_len": 256},
+            "rewards": {"rewards": [{"name": "math"}]}, "grpo": base, "out": str(out)}
+
+
+def _write_driver(tmp_path, spec) -> tuple[Path, Path]:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    spec_file = tmp_path / f"spec-{Path(spec['out']).name}.json"
+    spec_file.write_text(json.dumps(spec))
+    return driver, spec_file
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    from model.checkpoint import read_safetensors
+
+    return read_safetensors(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_grpo_raises_reward_native(sft_model, tasks_dir, tmp_path):
+    """Native rollouts, 30 seeded steps of 8 prompts × G=8: held-out greedy accuracy on 200 problems rises
+    by ≥ 8 points and the mean training reward of the last 10 steps beats the first 10 by ≥ 0.08."""
+    from alignment.data import DataConfig
+    from alignment.grpo import GRPOConfig
+    from alignment.grpo.tiny import _rows, greedy_accuracy
+    from alignment.grpo.trainer import run_grpo
+    from alignment.sft import ModelConfig
+    from rewards.pipeline import RewardPipelineConfig
+    from rollout import RolloutConfig
+
+    model_dir, start_accuracy = sft_model
+    test_rows = _rows(tasks_dir / "math_grpo" / "test.jsonl")[:200]
+    hook = lambda model, tok: {"accuracy": greedy_accuracy(model, tok, test_rows)}
+    grpo = GRPOConfig(prompts_per_step=8, group_size=8, micro_batch_size=32, max_steps=30, max_new_tokens=24,
+                      learning_rate=2e-3, beta=0.0, aggregation="token_mean", clip_eps_high=0.28,
+                      seed_per_group=False, save_every=0, eval_every=30, progress_bar=False, tensorboard=False,
+                      seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_grpo(ModelConfig(name_or_path=str(model_dir)),
+                          DataConfig(train_files=[str(tasks_dir / "math_grpo" / "train.jsonl")]),
+                          RolloutConfig(backend="native", max_model_len=256),
+                          RewardPipelineConfig.from_dict({"rewards": [{"name": "math"}]}), grpo, tmp_path / "run",
+                          eval_hooks=[hook])
+    finally:
+        torch.set_num_threads(threads)
+    rewards = [h["reward/mean"] for h in result.history]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    final_accuracy = result.history[-1]["eval/accuracy"]
+    print(f"held-out accuracy {start_accuracy:.3f} -> {final_accuracy:.3f}; train reward {first:.3f} -> {last:.3f}")
+    assert final_accuracy >= start_accuracy + 0.08
+    assert last >= first + 0.08
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and "kl" not in json.loads(lines[0])  # β = 0: no reference, no KL
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_raises_reward_vllm(sft_model, tasks_dir, tmp_path):
+    """Same as the native test with in-process vLLM rollouts (fp32) and a weight sync after every step."""
+    pytest.importorskip("vllm")
+    from alignment.data import DataConfig
+    from alignment.grpo import GRPOConfig
+    from alignment.grpo.tiny import _rows, greedy_accuracy
+    from alignment.grpo.trainer import run_grpo
+    from alignment.sft import ModelConfig
+    from rewards.pipeline import RewardPipelineConfig
+    from rollout import RolloutConfig
+
+    model_dir, start_accuracy = sft_model
+    test_rows = _rows(tasks_dir / "math_grpo" / "test.jsonl")[:200]
+    hook = lambda model, tok: {"accuracy": greedy_accuracy(model, tok, test_rows)}
+    grpo = GRPOConfig(prompts_per_step=8, group_size=8, micro_batch_size=32, max_steps=30, max_new_tokens=24,
+                      learning_rate=2e-3, beta=0.0, aggregation="token_mean", clip_eps_high=0.28, tis_cap=2.0,
+                      seed_per_group=False, save_every=0, eval_every=30, progress_bar=False, tensorboard=False)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    result = run_grpo(ModelConfig(name_or_path=str(model_dir)),
+                      DataConfig(train_files=[str(tasks_dir / "math_grpo" / "train.jsonl")]),
+                      RolloutConfig(backend="vllm", dtype="float32", max_model_len=256),
+                      RewardPipelineConfig.from_dict({"rewards": [{"name": "math"}]}), grpo, tmp_path / "run",
+                      eval_hooks=[hook])
+    rewards = [h["reward/mean"] for h in result.history]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    final_accuracy = result.history[-1]["eval/accuracy"]
+    print(f"held-out accuracy {start_accuracy:.3f} -> {final_accuracy:.3f}; train reward {first:.3f} -> {last:.3f}")
+    assert final_accuracy >= start_accuracy + 0.08
+    assert last >= first + 0.08
+    assert result.history[-1]["mismatch/abs_logp_diff"] < 1e-3  # the engine really got the new weights
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@pytest.mark.slow
+def test_two_processes_match_one(sft_model, tasks_dir, tmp_path):
+    """Same global batch (4 prompts × G=4), one step: 1 process == 2 gloo processes. adam_eps is large so
+    that the first AdamW step is ∝ the gradient (not its sign) and the comparison is a gradient check."""
+    runs = {}
+    for n in (1, 2):
+        spec = _spec(sft_model, tasks_dir, tmp_path / f"run{n}", adam_eps=1.0, learning_rate=1.0)
+        driver, spec_file = _write_driver(tmp_path, spec)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+        cmd += ["--multi_gpu", "--num_processes", "2"] if n == 2 else ["--num_processes", "1"]
+        proc = subprocess.run(cmd + [str(driver), str(spec_file)], cwd=ROOT, env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[n] = _weights(tmp_path / f"run{n}" / "final")
+        metrics = [json.loads(line) for line in (tmp_path / f"run{n}" / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["groups/trained"] == 4 / n  # each process trains its own shard of whole groups
+    start = _weights(sft_model[0])
+    moved = max(float((runs[1][k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-4
+    for name in start:
+        torch.testing.assert_close(runs[2][name], runs[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_matches_uninterrupted(sft_model, tasks_dir, tmp_path):
+    """5 steps with a checkpoint after each; the run is killed with SIGKILL once step-2 exists, resumed, and
+    must end with exactly the parameters of an uninterrupted run; the checkpoint it resumed from loads."""
+    steps = dict(max_steps=5, keep_checkpoints=2, updates_per_batch=2, learning_rate=1e-3)
+    ref_spec = _spec(sft_model, tasks_dir, tmp_path / "straight", **steps)
+    driver, spec_file = _write_driver(tmp_path, ref_spec)
+    subprocess.run([sys.executable, str(driver), str(spec_file)], cwd=ROOT, env=_env(), check=True, timeout=300,
+                   capture_output=True)
+
+    spec = _spec(sft_model, tasks_dir, tmp_path / "killed", **steps)
+    driver, spec_file = _write_driver(tmp_path, spec)
+    proc = subprocess.Popen([sys.executable, str(driver), str(spec_file)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts / "step-2").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it was killed"
+    from alignment.grpo.checkpointing import latest_checkpoint
+
+    last = latest_checkpoint(tmp_path / "killed")
+    assert last is not None and int(last.name.split("-")[1]) >= 2
+    _weights(last / "model")  # the last complete checkpoint loads
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == int(last.name.split("-")[1])
+
+    subprocess.run([sys.executable, str(driver), str(spec_file)], cwd=ROOT, env=_env(), check=True, timeout=300,
+                   capture_output=True)
+    straight, resumed = _weights(tmp_path / "straight" / "final"), _weights(tmp_path / "killed" / "final")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-4", "step-5"]  # keep_checkpoints = 2
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@pytest.mark.slow
+def test_stage_two_starts_from_stage_one(sft_model, tasks_dir, tmp_path):
+    """Stage 1 (math reward) → stage 2 from stage 1's final model with its own pipeline (length + format):
+    stage 2's reference policy is stage 1's final weights, and it logs only its own reward components."""
+    from alignment.data import DataConfig
+    from alignment.grpo import GRPOConfig
+    from alignment.grpo.trainer import GRPOTrainer, run_grpo
+    from alignment.sft import ModelConfig, build_deepseek, load_tokenizer
+    from rewards.pipeline import RewardPipeline, RewardPipelineConfig
+    from rollout import RolloutConfig
+
+    small = dict(prompts_per_step=2, group_size=4, micro_batch_size=8, max_steps=1, max_new_tokens=16,
+                 learning_rate=1e-3, progress_bar=False, tensorboard=False)
+    data = DataConfig(train_files=[str(tasks_dir / "math_grpo" / "train.jsonl")])
+    stage1 = run_grpo(ModelConfig(name_or_path=str(sft_model[0])), data, RolloutConfig(backend="native", max_model_len=256),
+                      RewardPipelineConfig.from_dict({"rewards": [{"name": "math"}]}), GRPOConfig(**small),
+                      tmp_path / "stage1")
+    model_cfg = ModelConfig(name_or_path=stage1.final_model_dir)
+    tokenizer = load_tokenizer(model_cfg)
+    model = build_deepseek(model_cfg, tokenizer, 0)
+    from alignment.data import load_prompt_dataset
+
+    prompts = load_prompt_dataset(DataConfig(train_files=[str(tasks_dir / "stage2_prompts" / "train.jsonl")]))["train"]
+    pipeline = RewardPipeline(RewardPipelineConfig.from_dict(
+        {"rewards": [{"name": "length", "weight": 0.5}, {"name": "format", "weight": 0.5}]}))
+    trainer = GRPOTrainer(model, tokenizer, prompts, pipeline, GRPOConfig(**small),
+                          RolloutConfig(backend="native", max_model_len=256), tmp_path / "stage2")
+    stage1_weights = _weights(stage1.final_model_dir)
+    from model.checkpoint import to_hf_state_dict
+
+    ref = to_hf_state_dict(trainer.ref_policy.policy.state_dict())
+    for name, tensor in stage1_weights.items():
+        assert torch.equal(ref[name], tensor), name
+    result = trainer.train()
+    trainer.close()
+    keys = result.history[-1].keys()
+    assert "rewards/length/mean" in keys and "rewards/format/mean" in keys and "rewards/math/mean" not in keys
+
+
+# ---------------------------------------------------------------------------------------------- options
+def _tiny_trainer(tmp_path, tasks_dir, reward_spec, **grpo):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from alignment.grpo import GRPOConfig
+    from alignment.grpo.trainer import GRPOTrainer
+    from model import DeepseekV2Config, DeepseekV2ForCausalLM
+    from rewards.pipeline import RewardPipeline, RewardPipelineConfig
+    from rollout import RolloutConfig
+
+    tok = AutoTokenizer.from_pretrained(tasks_dir / "tokenizer")
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(DeepseekV2Config.preset("tiny", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    rows = [json.loads(line) for line in (tasks_dir / "math_grpo" / "train.jsonl").read_text().splitlines()[:64]]
+    cfg = dict(prompts_per_step=4, group_size=4, micro_batch_size=8, max_steps=1, max_new_tokens=8,
+               learning_rate=1e-3, progress_bar=False, tensorboard=False, save_every=0)
+    cfg.update(grpo)
+    return GRPOTrainer(model, tok, datasets.Dataset.from_list(rows),
+                       RewardPipeline(RewardPipelineConfig.from_dict({"rewards": [reward_spec]})), GRPOConfig(**cfg),
+                       RolloutConfig(backend="native", max_model_len=256,
+                                     return_routed_experts=grpo.get("routing_replay", False)), tmp_path)
+
+
+def parity_reward(prompts, completions, **_):
+    """Test reward: 1 for an even number of characters; only the first 2 prompts of a batch vary."""
+    return [float(len(c) % 2 == 0) if i < 8 else 0.0 for i, c in enumerate(completions)]
+
+
+def test_dynamic_sampling_drops_and_refills(tasks_dir, tmp_path):
+    trainer = _tiny_trainer(tmp_path, tasks_dir, {"name": "parity", "reward": f"{__name__}:parity_reward"},
+                            dynamic_sampling=True, max_refill_rounds=3)
+    metrics = trainer.train_step()
+    trainer.close()
+    # per round at most 2 of 4 groups can vary: the batch of 4 needs ≥ 1 refill; filtered groups are counted
+    assert metrics["groups/refill_rounds"] >= 1
+    assert metrics["groups/filtered"] >= 2
+    assert trainer.stream.position == 4 * (1 + metrics["groups/refill_rounds"])
+
+
+def test_overlong_mask_leaves_no_token_in_the_loss(tasks_dir, tmp_path):
+    """An untrained model never stops within 8 tokens: overlong masking leaves no token in the loss, so the
+    weights do not move."""
+    trainer = _tiny_trainer(tmp_path, tasks_dir, {"name": "length"}, overlong="mask", beta=0.0, max_grad_norm=0.0)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.train_step()
+    trainer.close()
+    assert metrics["completion/truncated_share"] == 1.0 and metrics["completion/masked_share"] == 1.0
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(before[name], tensor), name
+
+
+def test_routing_replay_reproduces_the_sampler(tasks_dir, tmp_path):
+    """With replay the training forward uses the sampler's experts: its logprobs equal the engine's; the MoE
+    metrics are logged."""
+    trainer = _tiny_trainer(tmp_path, tasks_dir, {"name": "parity", "reward": f"{__name__}:parity_reward"},
+                            routing_replay=True, beta=0.04)
+    metrics = trainer.train_step()
+    assert "moe/load_imbalance" in metrics and "moe/router_entropy" in metrics and "kl" in metrics
+    assert metrics["mismatch/abs_logp_diff"] < 1e-5
+    # the replayed experts really reach the forward: shifting them makes the logprobs disagree
+    generate = trainer.engine._generate
+    E = trainer.model.config.n_routed_experts
+
+    def shifted(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        for group in out:
+            for completion in group:
+                completion.routed_experts = (completion.routed_experts + 1) % E
+        return out
+
+    trainer.engine._generate = shifted
+    metrics = trainer.train_step()
+    trainer.close()
+    assert metrics["mismatch/abs_logp_diff"] > 1e-4
