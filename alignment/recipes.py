@@ -28,7 +28,7 @@ from rewards.config import ConfigError, from_mapping
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("alignment.sft:SFTConfig", "alignment.sft:run_sft"),
     "rm": ("alignment.reward_model:RewardModelConfig", "alignment.reward_model:run_reward_model"),
-    "grpo": ("alignment.grpo:GRPOStageConfig", "alignment.grpo:run_grpo"),
+    "grpo": ("alignment.grpo_recipe:GRPOStageConfig", "alignment.grpo_recipe:run_grpo_stage"),
 }
 
 # Fields holding paths that must exist when the recipe runs (a later stage's input may be an earlier
@@ -129,7 +129,10 @@ def _walk(obj: Any, prefix: str = ""):
             yield from _walk(value, key + ".")
     elif isinstance(obj, list):
         for i, item in enumerate(obj):
-            yield from _walk(item, f"{prefix[:-1]}[{i}].")
+            key = f"{prefix[:-1]}[{i}]"
+            if dataclasses.is_dataclass(item):
+                yield key, item
+            yield from _walk(item, key + ".")
 
 
 def _check_rewards(config: Any, source: str) -> None:

@@ -101,3 +101,28 @@ def test_report_writes_plots_and_a_summary(tmp_path):
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG", panel
     summary = (report / "summary.md").read_text()
     assert "| rewards/math/mean | 0 | 0.4 | 5 |" in summary
+
+
+def _grpo_recipe(tmp_path, rewards):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"}) + "\n")
+    return {"stage": "grpo", "model": {"preset": "tiny", "tokenizer_path": str(tmp_path)},
+            "data": {"train_files": [str(data)]}, "rewards": {"rewards": rewards},
+            "output": {"output_dir": str(tmp_path / "out")}}
+
+
+@pytest.mark.parametrize("rewards, message", [
+    ([{"name": "no_such_reward"}], r"rewards\.rewards\[0\].*no_such_reward"),
+    ([{"name": "math"}, {"name": "length", "kwargs": {"min_words": 3}}], r"rewards\.rewards\[1\].*'min_words'"),
+])
+def test_unregistered_reward_or_bad_reward_kwargs_is_named(tmp_path, rewards, message):
+    path = _write(tmp_path, _grpo_recipe(tmp_path, rewards))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_user_reward_from_a_dotted_path_validates(tmp_path):
+    path = _write(tmp_path, _grpo_recipe(tmp_path, [{"name": "mine", "reward": "rewards.rules:LengthBand",
+                                                      "kwargs": {"min_length": 2}}]))
+    stage, cfg = load_recipe(path)
+    assert stage == "grpo" and cfg.rewards.rewards[0].reward == "rewards.rules:LengthBand"
