@@ -32,6 +32,8 @@ class RolloutConfig:
     """Tokenizer directory for text prompts and completion text; None = the model directory if it holds one."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Weights/activations dtype of the engine. Explicit because vLLM's `auto` runs fp32 checkpoints in bf16."""
+    device: str | None = None
+    """native: device to load the checkpoint on (None = cuda when available, else cpu); a live model stays put."""
     max_model_len: int = 2048
     """Longest sequence (prompt + completion) the engine accepts."""
     max_new_tokens: int = 256

@@ -181,15 +181,16 @@ class RolloutEngine:
         return dataclasses.replace(sampling, stop_token_ids=stops, seed=seed, logprobs_mode="processed")
 
     def prompt_to_ids(self, prompt: Prompt, index: int, max_new_tokens: int) -> list[int]:
-        if isinstance(prompt, str | list) and len(prompt) > 0 and (isinstance(prompt, str) or not isinstance(prompt[0], int)):
-            if self.tokenizer is None:
-                raise ValueError(f"prompt {index} is text but the engine has no tokenizer "
-                                 "(set RolloutConfig.tokenizer or save one beside the model)")
-            if isinstance(prompt, str):
-                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            else:
-                ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=False)
+        is_text = isinstance(prompt, str)
+        is_chat = isinstance(prompt, list | tuple) and len(prompt) > 0 and isinstance(prompt[0], dict)
+        if (is_text or is_chat) and self.tokenizer is None:
+            raise ValueError(f"prompt {index} is text but the engine has no tokenizer "
+                             "(set RolloutConfig.tokenizer or save one beside the model)")
+        if is_text:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        elif is_chat:
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
         elif isinstance(prompt, list | tuple):
             ids = [int(t) for t in prompt]
         else:

@@ -27,7 +27,8 @@ class NativeEngine(RolloutEngine):
         if model is None:
             if config.model is None:
                 raise ValueError("the native backend needs RolloutConfig.model (a checkpoint dir) or a live model")
-            model = DeepseekV2ForCausalLM.from_pretrained(config.model, dtype=config.dtype)
+            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model = DeepseekV2ForCausalLM.from_pretrained(config.model, dtype=config.dtype, device=device)
         self.model = model
         limit = model.config.max_position_embeddings
         if config.max_model_len > limit:

@@ -116,3 +116,16 @@ def test_sleep_is_a_flag_on_cpu(engine):
         engine.generate_groups([[1, 2]], 1, SamplingConfig(max_new_tokens=2))
     engine.wake()
     assert len(engine.generate_groups([[1, 2]], 1, SamplingConfig(max_new_tokens=2))) == 1
+
+
+def test_a_peft_policy_is_pushed_with_its_lora_merged(checkpoint, engine):
+    from peft import LoraConfig, get_peft_model
+
+    base = DeepseekV2ForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    peft_policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "lm_head"],
+                                                  init_lora_weights=False))
+    engine.update_weights(peft_policy)
+    groups = engine.generate_groups([[1, 5, 6, 7]], 3, SamplingConfig(max_new_tokens=8, seed=9))
+    assert max_logprob_error(peft_policy, groups) < 1e-4
+    with peft_policy.disable_adapter():  # the adapters are what vLLM now samples from
+        assert max_logprob_error(peft_policy, groups) > 1e-2
