@@ -1,7 +1,7 @@
 """`GRPOConfig`: a recipe's `grpo:` section, one typed field per knob (docs/DESIGN.md §3).
 
 The section maps onto the dataclass one to one: `GRPOConfig.from_dict(section, source)` names the key
-and the file on an unknown or ill-typed key (the shared `rewards.config.from_mapping` check).
+and the file on an unknown or ill-typed key (the shared `model.typed_config.from_mapping` check).
 Defaults are the DeepSeekMath/DeepSeek-V2 GRPO of the paper: group-std advantages, symmetric clip
 0.2, per-sequence mean aggregation, token-level ratio, μ = 1, KL to a frozen reference with β = 0.04.
 """
@@ -134,7 +134,7 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> GRPOConfig:
         """From a recipe's `grpo:` section; an unknown or ill-typed key raises ConfigError naming it."""
-        from rewards.config import from_mapping
+        from model.typed_config import from_mapping
 
         return from_mapping(cls, data, source)
 

@@ -96,7 +96,9 @@ class GRPOTrainer:
         from accelerate import Accelerator
 
         self.config = config
-        self.accelerator = accelerator or Accelerator()
+        # Without a GPU, `cpu=True` is what makes a `--multi_gpu` launch a gloo MULTI_CPU group (otherwise every
+        # process believes it is alone).
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.reward_pipeline = reward_pipeline
@@ -219,7 +221,10 @@ class GRPOTrainer:
                 break
             round_index += 1
         n_keep = torch.tensor([min(len(kept_groups), local_n)], dtype=torch.long)
-        n_keep = int(acc.reduce(n_keep.to(acc.device), "min")) if acc.num_processes > 1 else int(n_keep)
+        if acc.num_processes > 1:  # accelerate's reduce has no "min"
+            n_keep = n_keep.to(acc.device)
+            torch.distributed.all_reduce(n_keep, torch.distributed.ReduceOp.MIN)
+        n_keep = int(n_keep)
         kept_groups, kept_rewards = kept_groups[:n_keep], kept_rewards[:n_keep]
         all_rewards = torch.cat(sampled_rewards)
         metrics = {k: sum(v) / len(v) for k, v in reward_metrics.items()}
