@@ -212,7 +212,7 @@ def reward_mean(context: EvalContext, files: list[str], rewards: dict[str, Any],
     prompts. `rewards` is a RewardPipelineConfig mapping (as in a recipe's rewards section)."""
     from alignment.evaluation import generate_completions
     from rewards import RewardPipeline
-    from rewards.config import from_mapping
+    from model.typed_config import from_mapping
     from rewards.pipeline import RewardPipelineConfig
 
     rows = _rows(files, max_samples, columns)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from rewards.config import ConfigError, from_mapping
+from model.typed_config import ConfigError, from_mapping
 
 # stage → (config dataclass, runner) as "module:attribute"; imported lazily (torch, trl, vllm are heavy).
 STAGES: dict[str, tuple[str, str]] = {

@@ -1,4 +1,7 @@
-"""Recipe sections → typed dataclasses, one to one; an unknown or ill-typed key names itself and the file."""
+"""Recipe sections → typed dataclasses, one to one; an unknown or ill-typed key names itself and the file.
+
+Shared by every package (model → rollout → rewards → alignment), hence its place at the bottom of the
+import order; it imports nothing of the project."""
 
 from __future__ import annotations
 

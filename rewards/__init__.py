@@ -9,9 +9,9 @@ convention and lookup order are in `rewards/registry.py`; how components combine
 DeepseekV2 reward model is loaded.
 """
 
+from model.typed_config import ConfigError
 from rewards import code_execution, format_reward, math_accuracy, model_reward, remote, rules  # noqa: F401 - register
 from rewards.code_execution import CodeExecution, extract_program
-from rewards.config import ConfigError
 from rewards.format_reward import FormatReward
 from rewards.math_accuracy import MathAccuracy
 from rewards.model_reward import RewardModel, load_reward_model

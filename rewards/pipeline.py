@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rewards.config import from_mapping
+from model.typed_config import from_mapping
 from rewards.registry import RewardFn, call_reward, get_reward
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,6 @@ None, dict) — enough to catch `max_model_len: "2k"` or a misspelt backend.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -94,17 +92,12 @@ class RolloutConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<rollout config>") -> RolloutConfig:
         """Build from a recipe section; unknown or ill-typed keys raise `RolloutConfigError`."""
-        if not isinstance(data, dict):
-            raise RolloutConfigError(f"{source}: the rollout section must be a mapping, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key, value in data.items():
-            if key not in hints:
-                raise RolloutConfigError(f"{source}: unknown rollout key {key!r}; known keys: {', '.join(known)}")
-            if not _matches(value, hints[key]):
-                raise RolloutConfigError(f"{source}: rollout key {key!r} is {value!r}, expected {hints[key]}")
+        from model.typed_config import ConfigError, from_mapping
+
         try:
-            return cls(**data)
+            return from_mapping(cls, data, source)
+        except ConfigError as err:
+            raise RolloutConfigError(str(err)) from None
         except RolloutConfigError as err:
             raise RolloutConfigError(f"{source}: {err}") from None
 
@@ -123,17 +116,3 @@ class RolloutConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def _matches(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return value in typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or annotation)

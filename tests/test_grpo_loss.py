@@ -180,7 +180,7 @@ def test_zero_variance_and_overlong_penalty():
 
 
 def test_config_rejects_unknown_and_illtyped_keys():
-    from rewards.config import ConfigError
+    from model.typed_config import ConfigError
 
     with pytest.raises(ConfigError, match="clip_eps"):
         GRPOConfig.from_dict({"clip_eps": 0.2}, "r.yaml")

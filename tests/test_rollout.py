@@ -46,9 +46,9 @@ def engine(checkpoint):
 
 # ---------------------------------------------------------------------------- config
 def test_config_unknown_and_ill_typed_keys_name_themselves(tmp_path):
-    with pytest.raises(RolloutConfigError, match=r"recipe\.yaml: unknown rollout key 'max_len'"):
+    with pytest.raises(RolloutConfigError, match=r"recipe\.yaml: unknown key 'max_len'"):
         RolloutConfig.from_dict({"backend": "native", "max_len": 10}, source="recipe.yaml")
-    with pytest.raises(RolloutConfigError, match=r"'max_model_len' is '2k'"):
+    with pytest.raises(RolloutConfigError, match=r"'max_model_len' of RolloutConfig is '2k'"):
         RolloutConfig.from_dict({"max_model_len": "2k"})
     with pytest.raises(RolloutConfigError, match="backend"):
         RolloutConfig.from_dict({"backend": "sglang"})
@@ -60,7 +60,7 @@ def test_config_unknown_and_ill_typed_keys_name_themselves(tmp_path):
     assert (config.backend, config.dtype, config.max_model_len, config.vllm_kwargs) == ("native", "float32", 512,
                                                                                          {"swap_space": 1})
     recipe.write_text("rollout:\n  backend: native\n  temprature: 0.7\n")
-    with pytest.raises(RolloutConfigError, match=f"{recipe}: unknown rollout key 'temprature'"):
+    with pytest.raises(RolloutConfigError, match=f"{recipe}: unknown key 'temprature'"):
         RolloutConfig.from_yaml(recipe)
 
 
