@@ -9,8 +9,17 @@ import math
 import pytest
 import torch
 
-from alignment.grpo import (ConstantNorm, GRPOConfig, GRPOLoss, LossNormalizer, SequenceMean, TokenMean,
-                            group_advantages, overlong_soft_penalty, zero_variance_groups)
+from alignment.grpo import (
+    ConstantNorm,
+    GRPOConfig,
+    GRPOLoss,
+    LossNormalizer,
+    SequenceMean,
+    TokenMean,
+    group_advantages,
+    overlong_soft_penalty,
+    zero_variance_groups,
+)
 
 # Two sequences, lengths 3 and 2 (the second right-padded).
 LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, 0.0]]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -72,8 +71,9 @@ def sft_model(tasks_dir, tmp_path_factory):
 
     reuse = os.environ.get("GRPO_TEST_SFT_DIR")  # local iteration: a checkpoint tiny_sft_checkpoint wrote before
     if reuse:
-        from model import DeepseekV2ForCausalLM
         from transformers import AutoTokenizer
+
+        from model import DeepseekV2ForCausalLM
 
         model = DeepseekV2ForCausalLM.from_pretrained(reuse, dtype=torch.float32)
         accuracy = greedy_accuracy(model, AutoTokenizer.from_pretrained(reuse),
