@@ -506,15 +506,14 @@ def run_grpo(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig
     rewards section. The reference policy (β > 0) is the model this stage starts from, also after a resume.
     """
     from alignment.data import TRAIN_SPLIT, load_prompt_dataset
-    from alignment.sft import build_deepseek, load_tokenizer, lora_config
+    from alignment.sft import apply_lora, build_deepseek, load_tokenizer
     from rewards.pipeline import RewardPipeline
 
     tokenizer = load_tokenizer(model_cfg)
     model = build_deepseek(model_cfg, tokenizer, grpo_cfg.seed)
     if model_cfg.lora is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(model_cfg.lora, "CAUSAL_LM"))
+        # Not get_peft_model directly: apply_lora works around peft retargeting deepseek_v2 experts.
+        model = apply_lora(model, model_cfg.lora, "CAUSAL_LM")
     if model_cfg.gradient_checkpointing:
         (model.get_base_model() if hasattr(model, "get_base_model") else model).gradient_checkpointing_enable()
     dataset = load_prompt_dataset(data_cfg, required_columns)[TRAIN_SPLIT]
