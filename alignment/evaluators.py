@@ -211,8 +211,8 @@ def reward_mean(context: EvalContext, files: list[str], rewards: dict[str, Any],
     """Mean of each reward component and of the weighted total over greedy completions of held-out
     prompts. `rewards` is a RewardPipelineConfig mapping (as in a recipe's rewards section)."""
     from alignment.evaluation import generate_completions
-    from rewards import RewardPipeline
     from model.typed_config import from_mapping
+    from rewards import RewardPipeline
     from rewards.pipeline import RewardPipelineConfig
 
     rows = _rows(files, max_samples, columns)

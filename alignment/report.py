@@ -26,7 +26,7 @@ PANELS = {
 def read_records(run_dir: Path) -> list[dict]:
     records: list[dict] = []
     for path in sorted(run_dir.glob("*.jsonl")):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for line in path.read_text().splitlines():
             if not line.strip():
                 continue
             try:

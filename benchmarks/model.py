@@ -113,7 +113,7 @@ def main() -> None:
     names = ["tiny"] if args.quick else ["tiny", "100M"]
     print(f"device: {device()}, torch threads: {torch.get_num_threads()}")
     print("\n## forward+backward (fp32), same weights")
-    print(f"| config | params | batch×len | ours s | theirs s | time ours/theirs | ours MB | theirs MB | mem ours/theirs |")
+    print("| config | params | batch×len | ours s | theirs s | time ours/theirs | ours MB | theirs MB | mem ours/theirs |")
     print("|---|---|---|---|---|---|---|---|---|")
     gen_rows = []
     for name in names:

@@ -6,7 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import CheckpointError, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification
+from model import (
+    CheckpointError,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV2ForSequenceClassification,
+)
 
 
 @pytest.fixture(scope="module")

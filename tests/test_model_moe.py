@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from model import DeepseekV2Config, DeepseekV2ForCausalLM
-from model.moe import DeepSeekMoE, RoutedExperts, balance_losses, capacity_keep_mask, gate_weights, limited_topk
+from model.moe import (
+    DeepSeekMoE,
+    RoutedExperts,
+    balance_losses,
+    capacity_keep_mask,
+    gate_weights,
+    limited_topk,
+)
 
 
 def cfg(**kw):
