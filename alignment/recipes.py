@@ -116,6 +116,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_paths: bool =
                     if isinstance(item, str) and not Path(item).exists():
                         raise RecipeError(f"{path}: key {key!r}: {item!r} does not exist")
     _check_rewards(config, str(path))
+    _check_evaluators(config, str(path))
     return stage, config
 
 
@@ -150,6 +151,20 @@ def _check_rewards(config: Any, source: str) -> None:
                 _check_kwargs(target.__init__ if inspect.isclass(target) else target, dict(value.kwargs),
                               f"reward {name!r}")
             except Exception as err:  # unknown name, bad kwargs, ...
+                raise RecipeError(f"{source}: key {key!r}: {err}") from err
+
+
+def _check_evaluators(config: Any, source: str) -> None:
+    """Every evaluator resolves (registry or dotted path) and accepts its kwargs."""
+    from alignment.evaluators import EvaluatorSpec, get_evaluator
+    from rewards.registry import _check_kwargs
+
+    for key, value in _walk(config):
+        if isinstance(value, EvaluatorSpec):
+            name = value.evaluator or value.name
+            try:
+                _check_kwargs(get_evaluator(name), dict(value.kwargs), f"evaluator {name!r}")
+            except Exception as err:
                 raise RecipeError(f"{source}: key {key!r}: {err}") from err
 
 

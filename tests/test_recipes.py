@@ -126,3 +126,23 @@ def test_user_reward_from_a_dotted_path_validates(tmp_path):
                                                       "kwargs": {"min_length": 2}}]))
     stage, cfg = load_recipe(path)
     assert stage == "grpo" and cfg.rewards.rewards[0].reward == "rewards.rules:LengthBand"
+
+
+def test_evaluators_are_checked_and_a_user_evaluator_from_a_dotted_path_runs(tmp_path):
+    from alignment.evaluators import EvalRunner
+
+    recipe = _grpo_recipe(tmp_path, [{"name": "math"}])
+    recipe["eval"] = {"evaluators": [{"name": "mine", "evaluator": "tests.fixtures.user_evaluator:count_params",
+                                      "kwargs": {"scale": 2.0}}]}
+    stage, cfg = load_recipe(_write(tmp_path, recipe))
+    runner = EvalRunner(cfg.eval, tmp_path / "run")
+    import torch
+    record = runner.run(torch.nn.Linear(3, 2), tokenizer=None, step=0)
+    assert record["eval/mine/params"] == 16.0  # (3·2 + 2) · scale
+    assert json.loads((tmp_path / "run" / "evals.jsonl").read_text())["eval/mine/params"] == 16.0
+    recipe["eval"]["evaluators"][0]["kwargs"] = {"scael": 2.0}
+    with pytest.raises(RecipeError, match=r"eval\.evaluators\[0\].*'scael'"):
+        load_recipe(_write(tmp_path, recipe))
+    recipe["eval"]["evaluators"][0]["evaluator"] = "no_such_evaluator"
+    with pytest.raises(RecipeError, match="unknown evaluator 'no_such_evaluator'"):
+        load_recipe(_write(tmp_path, recipe))
