@@ -37,6 +37,7 @@ from alignment.sft import (
     LoggingConfig,
     ModelConfig,
     OutputConfig,
+    TrainerSettings,
     apply_lora,
     build_deepseek,
     callbacks,
@@ -50,54 +51,16 @@ OUR_RM_ARCHITECTURE = "DeepseekV2ForSequenceClassification"
 
 
 @dataclass
-class RewardTrainingConfig:
-    """Optimisation and batching of reward-model training (a recipe's `training:` section)."""
+class RewardTrainingConfig(TrainerSettings):
+    """Optimisation and batching of reward-model training (a recipe's `training:` section); the shared
+    fields are TrainerSettings', counted in preference pairs (the model sees twice as many sequences)."""
 
-    seed: int = 0
-    """Seed of the initialisation (fresh model or head), the data order and dropout."""
     learning_rate: float = 1e-5
     """Peak learning rate of AdamW."""
-    lr_scheduler_type: str = "cosine"
-    """transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
-    warmup_steps: float = 0
-    """Warmup: optimizer steps if >= 1, else a share of the total steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm (0 turns clipping off)."""
-    per_device_train_batch_size: int = 8
-    """Preference pairs per micro-batch and process (the model sees twice as many sequences)."""
-    per_device_eval_batch_size: int = 8
-    """Pairs per eval batch and process."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    num_train_epochs: float = 1.0
-    """Passes over the training pairs (ignored when max_steps > 0)."""
-    max_steps: int = -1
-    """Optimizer steps to run; -1 means num_train_epochs."""
     max_length: int | None = 1024
     """Pairs whose chosen or rejected rendering is longer are dropped (TRL's rule); None keeps all."""
     center_rewards_coefficient: float | None = None
     """Weight of mean(r²), which keeps rewards centred on 0 (None turns it off)."""
-    eval_steps: int | None = None
-    """Evaluate every N optimizer steps; None evaluates only at the end."""
-    eval_on_start: bool = False
-    """Also evaluate before the first step."""
-    use_cpu: bool = False
-    """Train on the CPU even when a GPU is present."""
-    dataloader_num_workers: int = 0
-    """Worker processes loading batches (0 loads in the main process)."""
-
-    def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"training.{name} must be positive, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"training.learning_rate must be positive, got {self.learning_rate}")
-        if self.max_steps <= 0 and self.max_steps != -1:
-            raise ValueError(f"training.max_steps must be positive or -1, got {self.max_steps}")
-        if self.eval_steps is not None and self.eval_steps <= 0:
-            raise ValueError(f"training.eval_steps must be positive or None, got {self.eval_steps}")
 
 
 @dataclass

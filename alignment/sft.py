@@ -99,8 +99,8 @@ class ModelConfig:
 
 
 @dataclass
-class SFTTrainingConfig:
-    """Optimisation and batching of the SFT stage (a recipe's `training:` section)."""
+class TrainerSettings:
+    """Optimisation and batching shared by the Trainer-based stages (SFT, reward models)."""
 
     seed: int = 0
     """Seed of the model's initialisation, the data order and dropout."""
@@ -115,22 +115,15 @@ class SFTTrainingConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 turns clipping off)."""
     per_device_train_batch_size: int = 8
-    """Sequences per micro-batch and process."""
+    """Samples per micro-batch and process."""
     per_device_eval_batch_size: int = 8
-    """Sequences per eval batch and process."""
+    """Samples per eval batch and process."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     num_train_epochs: float = 1.0
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 means num_train_epochs."""
-    max_length: int | None = 1024
-    """Tokens kept per sample (truncated from the end); None keeps all."""
-    assistant_only_loss: bool = True
-    """Train on the assistant turns only (the template's generation markers); False trains on every token."""
-    packing: bool = False
-    """Pack samples into rows of max_length tokens (best-fit decreasing, padding-free; no attention or
-    loss across samples). Batches then hold a roughly constant number of tokens instead of samples."""
     eval_steps: int | None = None
     """Evaluate every N optimizer steps; None evaluates only at the end (when there is anything to evaluate)."""
     eval_on_start: bool = False
@@ -141,8 +134,6 @@ class SFTTrainingConfig:
     """Worker processes loading batches (0 loads in the main process)."""
 
     def __post_init__(self) -> None:
-        if self.packing and self.max_length is None:
-            raise ValueError("training.packing needs training.max_length (the length of a packed row)")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"training.{name} must be positive, got {getattr(self, name)}")
@@ -152,6 +143,24 @@ class SFTTrainingConfig:
             raise ValueError(f"training.max_steps must be positive or -1, got {self.max_steps}")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise ValueError(f"training.eval_steps must be positive or None, got {self.eval_steps}")
+
+
+@dataclass
+class SFTTrainingConfig(TrainerSettings):
+    """Optimisation and batching of the SFT stage (a recipe's `training:` section)."""
+
+    max_length: int | None = 1024
+    """Tokens kept per sample (truncated from the end); None keeps all."""
+    assistant_only_loss: bool = True
+    """Train on the assistant turns only (the template's generation markers); False trains on every token."""
+    packing: bool = False
+    """Pack samples into rows of max_length tokens (best-fit decreasing, padding-free; no attention or
+    loss across samples). Batches then hold a roughly constant number of tokens instead of samples."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.packing and self.max_length is None:
+            raise ValueError("training.packing needs training.max_length (the length of a packed row)")
         if self.max_length is not None and self.max_length <= 0:
             raise ValueError(f"training.max_length must be positive or None, got {self.max_length}")
 
