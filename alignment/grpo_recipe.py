@@ -1,19 +1,23 @@
 """The GRPO stage as a recipe: `stage: grpo` plus the sections below, each a dataclass of the package
 that owns it (model: alignment.sft.ModelConfig, data: alignment.data.DataConfig, rollout:
 rollout.RolloutConfig, rewards: rewards.RewardPipelineConfig, grpo: alignment.grpo.GRPOConfig,
-eval: alignment.evaluators.EvalConfig). The loop itself is `alignment.grpo.run_grpo`.
+eval: alignment.evaluators.EvalConfig). The loop itself is `alignment.grpo.trainer.GRPOTrainer`.
 
-Evaluators configured under `eval:` run as the trainer's eval hooks (every `grpo.eval_every` steps
-and at the end) and also append their records to `<output_dir>/evals.jsonl`.
+The `eval:` section becomes the trainer's EvalRunner: its evaluators run at step 0 (`on_start`), every
+`every_steps` and at the last step, with the rollout engine in their context; their results are
+logged with the step's metrics (metrics.jsonl, TensorBoard) and appended to `<output_dir>/evals.jsonl`,
+and its callbacks get on_step_end / on_evaluate / on_save. (`grpo.eval_every` only schedules plain
+eval hooks handed to GRPOTrainer / run_grpo in code.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.data import DataConfig
-from alignment.evaluators import EvalConfig, EvalContext, get_evaluator
+from alignment.evaluators import Callback, EvalConfig, EvalRunner
 from alignment.grpo.config import GRPOConfig
 from alignment.sft import ModelConfig
 from rewards.pipeline import RewardPipelineConfig
@@ -47,25 +51,22 @@ class GRPOStageConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """The algorithm's knobs."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Evaluators run as eval hooks."""
+    """Evaluators, their schedule and user callbacks."""
 
 
-def _hooks(config: EvalConfig, run_dir: Path):
-    hooks = []
-    for spec in config.evaluators:
-        fn = get_evaluator(spec.evaluator or spec.name)
-
-        def hook(model, tokenizer, fn=fn, spec=spec):
-            metrics = fn(EvalContext(model=model, tokenizer=tokenizer, step=-1, run_dir=run_dir), **spec.kwargs)
-            return {f"{spec.name}/{k}": v for k, v in metrics.items()}
-
-        hooks.append(hook)
-    return hooks
-
-
-def run_grpo_stage(config: GRPOStageConfig):
-    from alignment.grpo import run_grpo
+def build_grpo_stage(config: GRPOStageConfig, callbacks: Sequence[Callback] = ()):
+    """The stage's GRPOTrainer (policy, data, reward pipeline, rollout engine, EvalRunner), before `train()`.
+    `callbacks`: alignment.evaluators Callbacks added to those of the `eval:` section."""
+    from alignment.grpo.trainer import build_grpo_trainer
 
     run_dir = Path(config.output.output_dir)
-    return run_grpo(config.model, config.data, config.rollout, config.rewards, config.grpo, run_dir,
-                    eval_hooks=_hooks(config.eval, run_dir), resume=config.output.resume)
+    return build_grpo_trainer(config.model, config.data, config.rollout, config.rewards, config.grpo, run_dir,
+                              eval_runner=EvalRunner(config.eval, run_dir, callbacks))
+
+
+def run_grpo_stage(config: GRPOStageConfig, callbacks: Sequence[Callback] = ()):
+    trainer = build_grpo_stage(config, callbacks)
+    try:
+        return trainer.train(resume=config.output.resume)
+    finally:
+        trainer.close()

@@ -1,7 +1,7 @@
 """Recipes: one YAML file = one stage (sft, rm, grpo), typed end to end.
 
 A recipe is `stage: <name>` plus the fields of that stage's config dataclass, section for section
-(model, data, rollout, rewards, training, evaluation, logging, output — each section maps one to one
+(model, data, rollout, rewards, training, eval, logging, output — each section maps one to one
 onto a dataclass of the stage's module). Loading checks, before any work starts:
   * YAML syntax, an unknown or ill-typed key, a missing required key, a value the dataclass rejects —
     each error names the key and the recipe file;
@@ -155,8 +155,8 @@ def _check_rewards(config: Any, source: str) -> None:
 
 
 def _check_evaluators(config: Any, source: str) -> None:
-    """Every evaluator resolves (registry or dotted path) and accepts its kwargs."""
-    from alignment.evaluators import EvaluatorSpec, get_evaluator
+    """Every evaluator resolves (registry or dotted path) and accepts its kwargs; every callback resolves."""
+    from alignment.evaluators import EvalConfig, EvaluatorSpec, get_callback, get_evaluator
     from rewards.registry import _check_kwargs
 
     for key, value in _walk(config):
@@ -166,6 +166,12 @@ def _check_evaluators(config: Any, source: str) -> None:
                 _check_kwargs(get_evaluator(name), dict(value.kwargs), f"evaluator {name!r}")
             except Exception as err:
                 raise RecipeError(f"{source}: key {key!r}: {err}") from err
+        elif isinstance(value, EvalConfig):
+            for i, path in enumerate(value.callbacks):
+                try:
+                    get_callback(path)
+                except ValueError as err:
+                    raise RecipeError(f"{source}: key '{key}.callbacks[{i}]': {err}") from err
 
 
 def run_recipe(path: str | Path, overrides: list[str] = ()) -> Any:

@@ -22,6 +22,8 @@ What we add:
 - `pairwise_accuracy` over a preference split (exact count, not a mean of batch means), run at the end
   on the saved directory through `rewards.RewardModel`, so the reported number is the one the RL stage
   will see.
+- The recipe's `eval:` evaluators (e.g. `rm_accuracy` on held-out pairs, scoring the model in training)
+  and user callbacks, on their own schedule (alignment.eval_callback, as in SFT).
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.data import EVAL_SPLIT, TRAIN_SPLIT, DataConfig
+from alignment.evaluators import Callback, EvalConfig
 from alignment.sft import (
     LoggingConfig,
     ModelConfig,
     OutputConfig,
     TrainerSettings,
+    add_eval_callback,
     apply_lora,
     build_deepseek,
     callbacks,
     load_tokenizer,
     resolve_resume,
-    save_final_model,
+    save_final_and_notify,
     trainer_logging_args,
 )
 
@@ -78,6 +82,8 @@ class RewardModelConfig:
     """Optimisation and batching."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluators (e.g. rm_accuracy on held-out pairs), their schedule and user callbacks."""
 
 
 @dataclass
@@ -91,8 +97,8 @@ class RewardModelResult:
     train_loss: float
     """Mean training loss over the steps of this run."""
     eval_metrics: dict[str, float]
-    """Final eval metrics: Trainer's eval_loss / eval_accuracy, and `pairwise_accuracy` (exact, on the
-    saved model) when there is an eval split."""
+    """Final eval metrics: Trainer's eval_loss / eval_accuracy, `pairwise_accuracy` (exact, on the
+    saved model) when there is an eval split, and the `eval:` evaluators' `eval_<name>/<metric>`."""
     log_history: list[dict[str, float]]
     """Every logged record (Trainer's state.log_history)."""
 
@@ -199,8 +205,10 @@ def _make_trainer_class():
     return LatentAlignRewardTrainer
 
 
-def build_reward_trainer(config: RewardModelConfig, extra_callbacks: Sequence = ()):
-    """The configured RewardTrainer (model, tokenizer and data in place), before `train()`."""
+def build_reward_trainer(config: RewardModelConfig, extra_callbacks: Sequence = (),
+                         eval_callbacks: Sequence[Callback] = ()):
+    """The configured RewardTrainer (model, tokenizer, data and eval hooks in place), before `train()`.
+    `extra_callbacks`: transformers TrainerCallbacks; `eval_callbacks`: alignment.evaluators Callbacks."""
     from trl import RewardConfig
 
     from alignment.data import load_preference_dataset
@@ -250,20 +258,22 @@ def build_reward_trainer(config: RewardModelConfig, extra_callbacks: Sequence = 
         callbacks=[*callbacks(config.logging, out_cfg.output_dir), *extra_callbacks],
     )
     trainer.preference_eval_rows = eval_dataset  # the untokenized rows, for pairwise_accuracy
-    return trainer
+    return add_eval_callback(trainer, config.eval, eval_callbacks)
 
 
-def run_reward_model(config: RewardModelConfig, extra_callbacks: Sequence = ()) -> RewardModelResult:
+def run_reward_model(config: RewardModelConfig, extra_callbacks: Sequence = (),
+                     eval_callbacks: Sequence[Callback] = ()) -> RewardModelResult:
     """Train, save (model + tokenizer, loadable by rewards.model_reward) and evaluate a reward model."""
     resume = resolve_resume(config.output)
-    trainer = build_reward_trainer(config, extra_callbacks)
+    trainer = build_reward_trainer(config, extra_callbacks, eval_callbacks)
     train_output = trainer.train(resume_from_checkpoint=resume)
     finished = trainer.state.global_step >= trainer.state.max_steps
     eval_metrics: dict[str, float] = {}
     if finished:
         if trainer.eval_dataset is not None:
             eval_metrics = trainer.evaluate()
-        save_final_model(trainer, config.output.output_dir)
+        eval_metrics.update(trainer.eval_callback.final_metrics)
+        save_final_and_notify(trainer, config.output.output_dir)
         if trainer.preference_eval_rows is not None:
             from rewards import get_reward
 

@@ -20,10 +20,11 @@ schedule, gradient accumulation, eval, TensorBoard, progress bar, checkpoints, r
 - Checkpoints are written by the model's own `save_pretrained` (HF deepseek_v2 layout, per-expert
   keys, loads in transformers); with LoRA a checkpoint holds the adapter, and the final model is
   merged and saved in full, so the next stage loads a plain checkpoint.
-- Evaluation: Trainer's eval loss, then every `EvalHook` (the generation-based exact-match accuracy of
-  alignment.evaluation), logged under the same `eval_` prefix.
+- Evaluation: Trainer's eval loss on the eval split (training.eval_steps / eval_on_start), and the
+  recipe's `eval:` evaluators (alignment.evaluators, e.g. held-out accuracy) on their own schedule
+  through alignment.eval_callback, logged as `eval_<name>/<metric>` and to <output_dir>/evals.jsonl.
 
-Config: `SFTConfig` = model / data / training / output / logging / evaluation sections, one typed
+Config: `SFTConfig` = model / data / training / output / logging / eval sections, one typed
 dataclass each (a recipe's sections map onto them one to one).
 """
 
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.data import EVAL_SPLIT, TRAIN_SPLIT, DataConfig
-from alignment.evaluation import EvalHook, GenerationEvalConfig, exact_match_hook
+from alignment.evaluators import Callback, EvalConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_DEFAULT_TARGETS = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
@@ -125,9 +126,10 @@ class TrainerSettings:
     max_steps: int = -1
     """Optimizer steps to run; -1 means num_train_epochs."""
     eval_steps: int | None = None
-    """Evaluate every N optimizer steps; None evaluates only at the end (when there is anything to evaluate)."""
+    """Eval loss every N optimizer steps; None: only at the end (with an eval split; the `eval:`
+    evaluators have their own schedule)."""
     eval_on_start: bool = False
-    """Also evaluate before the first step (the baseline of the eval metrics)."""
+    """Also compute the eval loss before the first step (the baseline)."""
     use_cpu: bool = False
     """Train on the CPU even when a GPU is present."""
     dataloader_num_workers: int = 0
@@ -214,8 +216,8 @@ class SFTConfig:
     """Optimisation and batching."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress."""
-    evaluation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
-    """Generation-based eval (exact-match accuracy on held-out prompts), run at every evaluation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluators (e.g. held-out accuracy), their schedule and user callbacks (alignment.evaluators)."""
 
 
 @dataclass
@@ -229,7 +231,7 @@ class SFTResult:
     train_loss: float
     """Mean training loss over the steps of this run."""
     eval_metrics: dict[str, float]
-    """Metrics of the final evaluation (eval_loss, eval_exact_match, ...); empty without eval."""
+    """Metrics of the final evaluation (eval_loss, eval_<evaluator>/<metric>, ...); empty without eval."""
     log_history: list[dict[str, float]]
     """Every logged record (Trainer's state.log_history)."""
 
@@ -358,11 +360,7 @@ def _make_trainer_class():
     from trl import SFTTrainer
 
     class LatentAlignSFTTrainer(SFTTrainer):
-        """SFTTrainer with our model's own loss (balance losses included) and generation eval hooks."""
-
-        def __init__(self, *args, eval_hooks: Sequence[EvalHook] = (), **kwargs):
-            super().__init__(*args, **kwargs)
-            self.eval_hooks = list(eval_hooks)
+        """SFTTrainer with our model's own loss (balance losses included)."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
@@ -396,25 +394,23 @@ def _make_trainer_class():
                         metrics[f"balance_{name}"].append(float(value))
             return (loss, outputs) if return_outputs else loss
 
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            metrics: dict[str, float] = {}
-            if eval_dataset is not None or self.eval_dataset is not None:
-                metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
-            extra: dict[str, float] = {}
-            for hook in self.eval_hooks:
-                extra.update({f"{metric_key_prefix}_{k}": float(v)
-                              for k, v in hook(self.model, self.processing_class).items()})
-            if extra:
-                self._metrics["eval"].clear()  # logged by super().evaluate already
-                self.log(extra)
-                metrics.update(extra)
-            return metrics
-
     return LatentAlignSFTTrainer
 
 
-def build_sft_trainer(config: SFTConfig, extra_callbacks: Sequence = ()):
-    """The configured trainer (model, tokenizer, data and hooks in place), before `train()`."""
+def add_eval_callback(trainer, eval_config: EvalConfig, eval_callbacks: Sequence[Callback] = ()):
+    """Attach the `eval:` section (evaluators + user callbacks) to a Trainer; it is `trainer.eval_callback`."""
+    from alignment.eval_callback import EvalTrainerCallback
+    from alignment.evaluators import EvalRunner
+
+    callback = EvalTrainerCallback(EvalRunner(eval_config, trainer.args.output_dir, eval_callbacks), trainer)
+    trainer.add_callback(callback)
+    trainer.eval_callback = callback
+    return trainer
+
+
+def build_sft_trainer(config: SFTConfig, extra_callbacks: Sequence = (), eval_callbacks: Sequence[Callback] = ()):
+    """The configured trainer (model, tokenizer, data and eval hooks in place), before `train()`.
+    `extra_callbacks`: transformers TrainerCallbacks; `eval_callbacks`: alignment.evaluators Callbacks."""
     from trl import SFTConfig as TRLSFTConfig
 
     from alignment.data import load_chat_dataset
@@ -426,8 +422,7 @@ def build_sft_trainer(config: SFTConfig, extra_callbacks: Sequence = ()):
         model = apply_lora(model, model_cfg.lora, "CAUSAL_LM")
     splits = load_chat_dataset(config.data)
     eval_dataset = splits[EVAL_SPLIT] if EVAL_SPLIT in splits else None
-    hooks = [h for h in (exact_match_hook(config.evaluation),) if h is not None]
-    evaluates = eval_dataset is not None or bool(hooks)
+    evaluates = eval_dataset is not None
 
     args = TRLSFTConfig(
         output_dir=out_cfg.output_dir,
@@ -471,9 +466,8 @@ def build_sft_trainer(config: SFTConfig, extra_callbacks: Sequence = ()):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[*callbacks(config.logging, out_cfg.output_dir), *extra_callbacks],
-        eval_hooks=hooks,
     )
-    return trainer
+    return add_eval_callback(trainer, config.eval, eval_callbacks)
 
 
 def save_final_model(trainer, output_dir: str) -> None:
@@ -488,19 +482,28 @@ def save_final_model(trainer, output_dir: str) -> None:
     trainer.processing_class.save_pretrained(output_dir)
 
 
-def run_sft(config: SFTConfig, extra_callbacks: Sequence = ()) -> SFTResult:
-    """Train, evaluate and save; `extra_callbacks` are transformers TrainerCallbacks added to the run."""
+def save_final_and_notify(trainer, output_dir: str) -> None:
+    """`save_final_model`, then the `eval:` callbacks' on_save (main process)."""
+    save_final_model(trainer, output_dir)
+    if trainer.is_world_process_zero():
+        trainer.eval_callback.runner.saved(trainer.state.global_step, output_dir)
+
+
+def run_sft(config: SFTConfig, extra_callbacks: Sequence = (), eval_callbacks: Sequence[Callback] = ()) -> SFTResult:
+    """Train, evaluate and save; `extra_callbacks` are transformers TrainerCallbacks added to the run,
+    `eval_callbacks` alignment.evaluators Callbacks (with those of the `eval:` section)."""
     resume = resolve_resume(config.output)
-    trainer = build_sft_trainer(config, extra_callbacks)
+    trainer = build_sft_trainer(config, extra_callbacks, eval_callbacks)
     train_output = trainer.train(resume_from_checkpoint=resume)
     eval_metrics: dict[str, float] = {}
     if trainer.control.should_training_stop and trainer.state.global_step < trainer.state.max_steps:
         # Stopped early by a callback: leave the evaluation and the final model to the resumed run.
         pass
-    elif trainer.eval_dataset is not None or trainer.eval_hooks:
+    elif trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
+    eval_metrics.update(trainer.eval_callback.final_metrics)  # the evaluators' last-step run (in train())
     if trainer.state.global_step >= trainer.state.max_steps:
-        save_final_model(trainer, config.output.output_dir)
+        save_final_and_notify(trainer, config.output.output_dir)
     loss = train_output.training_loss
     return SFTResult(output_dir=config.output.output_dir, global_step=trainer.state.global_step,
                      train_loss=float(loss) if loss is not None and not math.isnan(loss) else float("nan"),

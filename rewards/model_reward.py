@@ -75,12 +75,27 @@ class RewardModel:
         torch_dtype = getattr(torch, dtype, None) if dtype is not None else None
         if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"reward model dtype {dtype!r} is not a torch dtype")
-        self.model = load_reward_model(path, torch_dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self._attach(load_reward_model(path, torch_dtype).to(self.device).eval(), AutoTokenizer.from_pretrained(path))
+
+    @classmethod
+    def from_model(cls, model, tokenizer, batch_size: int = 8, max_length: int = 4096) -> RewardModel:
+        """Score with a live one-label model and its tokenizer (e.g. the reward model being trained), on
+        the model's device and in its current mode; the tokenizer is copied (scoring truncates on the left)."""
+        import copy
+
+        self = cls.__new__(cls)
+        self.path, self.batch_size, self.max_length = None, batch_size, max_length
+        self.device = next(model.parameters()).device
+        self._attach(model, copy.deepcopy(tokenizer))
+        return self
+
+    def _attach(self, model, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
         self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
-                raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token to pad with")
+                raise ValueError(f"the tokenizer of {self.path or 'the model'} has neither a pad nor an eos token to pad with")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if getattr(self.model.config, "pad_token_id", None) is None:
             # transformers' classifiers find the last real token through pad_token_id.

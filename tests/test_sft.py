@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from alignment.data import DataConfig, DatasetValidationError
-from alignment.evaluation import GenerationEvalConfig
+from alignment.evaluators import EvalConfig, EvaluatorSpec
 from alignment.sft import (
     LoggingConfig,
     LoraSettings,
@@ -52,7 +52,7 @@ def tasks(tmp_path_factory) -> Path:
 
 
 def _config(tasks: Path, out: Path, overrides=MICRO, train_files=None, eval_files=None, lora=None,
-            evaluation=None, **training) -> SFTConfig:
+            eval_config=None, **training) -> SFTConfig:
     defaults = dict(learning_rate=3e-3, per_device_train_batch_size=8, per_device_eval_batch_size=50, max_steps=4,
                     use_cpu=True, warmup_steps=0, lr_scheduler_type="constant")
     return SFTConfig(
@@ -63,7 +63,7 @@ def _config(tasks: Path, out: Path, overrides=MICRO, train_files=None, eval_file
         output=OutputConfig(output_dir=str(out), save_steps=None),
         training=SFTTrainingConfig(**{**defaults, **training}),
         logging=LoggingConfig(logging_steps=1, progress_bar=False, tensorboard=False),
-        evaluation=evaluation or GenerationEvalConfig(),
+        eval=eval_config or EvalConfig(),
     )
 
 
@@ -194,19 +194,22 @@ def test_sft_on_arithmetic_lowers_eval_loss_and_reaches_exact_match_floor(tasks,
                                    per_device_eval_batch_size=100, max_steps=300, eval_on_start=True,
                                    use_cpu=True, seed=0),
         logging=LoggingConfig(logging_steps=50, progress_bar=False, tensorboard=True),
-        evaluation=GenerationEvalConfig(prompt_files=[str(tasks / "math_grpo/test.jsonl")], max_new_tokens=40,
-                                        batch_size=100),
+        eval=EvalConfig(evaluators=[EvaluatorSpec(name="math", evaluator="accuracy", kwargs={
+            "files": [str(tasks / "math_grpo/test.jsonl")], "max_new_tokens": 40, "batch_size": 100})]),
     )
     result = run_sft(config)
 
     start = next(h for h in result.log_history if "eval_loss" in h and h["step"] == 0)
-    start_accuracy = next(h for h in result.log_history if "eval_exact_match" in h and h["step"] == 0)
+    start_accuracy = next(h for h in result.log_history if "eval_math/accuracy" in h and h["step"] == 0)
     print(f"eval_loss {start['eval_loss']:.3f} -> {result.eval_metrics['eval_loss']:.3f}; exact match "
-          f"{start_accuracy['eval_exact_match']:.3f} -> {result.eval_metrics['eval_exact_match']:.3f}")
+          f"{start_accuracy['eval_math/accuracy']:.3f} -> {result.eval_metrics['eval_math/accuracy']:.3f}")
     assert result.global_step == 300
-    assert start_accuracy["eval_exact_match"] == 0.0
+    assert start_accuracy["eval_math/accuracy"] == 0.0
     assert result.eval_metrics["eval_loss"] < 0.15 * start["eval_loss"]
-    assert result.eval_metrics["eval_exact_match"] >= EXACT_MATCH_FLOOR
+    assert result.eval_metrics["eval_math/accuracy"] >= EXACT_MATCH_FLOOR
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 300]
+    assert evals[-1]["eval/math/accuracy"] == result.eval_metrics["eval_math/accuracy"]
     # The MoE balance loss was part of training, and TensorBoard got the metrics.
     assert any(h.get("aux_loss", 0) > 0 for h in result.log_history)
     assert list((out / "runs").glob("events.out.tfevents.*"))
@@ -236,8 +239,8 @@ def _record_batches(trainer_factory):
     """Wrap `build_sft_trainer` so every training forward's input_ids are recorded."""
     seen: list[torch.Tensor] = []
 
-    def build(config, extra_callbacks=()):
-        trainer = trainer_factory(config, extra_callbacks)
+    def build(config, *args):
+        trainer = trainer_factory(config, *args)
 
         def hook(module, args, kwargs):
             if module.training:

@@ -20,8 +20,9 @@ One step (`GRPOConfig.max_steps` of them):
 5. μ optimizer steps, each over 1/μ of the batch in micro-batches with gradient accumulation; the loss is
    normalised by the counts of the whole part over all processes (loss.py), so the update equals one big
    batch on one process.
-6. Weight sync to the engine (nothing to copy for the native engine on the live policy), metrics, eval
-   hooks, atomic checkpoint (checkpointing.py).
+6. Weight sync to the engine (nothing to copy for the native engine on the live policy), evaluation
+   (the EvalRunner's evaluators on their schedule, with the engine; plain eval hooks every `eval_every`
+   steps), metrics, callbacks, atomic checkpoint (checkpointing.py).
 
 Departures from the paper / TRL, and why:
 - Population std in the advantage (advantages.py).
@@ -92,7 +93,7 @@ class GRPOResult:
 class GRPOTrainer:
     def __init__(self, model, tokenizer, train_dataset, reward_pipeline, config: GRPOConfig, rollout_config,
                  output_dir: str | Path, *, ref_model=None, eval_hooks: Sequence[EvalHook] = (), accelerator=None,
-                 engine=None, reward_columns: Sequence[str] | None = None):
+                 engine=None, reward_columns: Sequence[str] | None = None, eval_runner=None):
         from accelerate import Accelerator
 
         self.config = config
@@ -103,6 +104,8 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.reward_pipeline = reward_pipeline
         self.eval_hooks = list(eval_hooks)
+        self.eval_runner = eval_runner
+        """alignment.evaluators.EvalRunner (a recipe's `eval:` section): evaluators, schedule, callbacks."""
         self.dataset = train_dataset
         self.reward_columns = (list(reward_columns) if reward_columns is not None
                                else [c for c in train_dataset.column_names if c != "prompt"])
@@ -404,11 +407,21 @@ class GRPOTrainer:
         return save_checkpoint(self.accelerator, self.output_dir, self.step, self.model, self.optimizer, self.scheduler,
                                self._trainer_state(), self._reward_state(), self.config.keep_checkpoints)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """What is due at the current step, on the main process: the plain eval hooks (every
+        `eval_every` steps, step 0 included) and the EvalRunner's evaluators (its schedule; `final`: all),
+        which also write evals.jsonl. Every process must call it (the others wait)."""
+        every = self.config.eval_every
+        hooks_due = bool(self.eval_hooks) and every > 0 and self.step % every == 0
+        runner_due = self.eval_runner is not None and self.eval_runner.due(self.step, final)
         out = {}
+        if not (hooks_due or runner_due):
+            return out
         if self.accelerator.is_main_process:
-            for hook in self.eval_hooks:
+            for hook in self.eval_hooks if hooks_due else ():
                 out.update({f"eval/{k}": float(v) for k, v in hook(self.model, self.tokenizer).items()})
+            if runner_due:
+                out.update(self.eval_runner.run(self.model, self.tokenizer, self.step, engine=self.engine, final=final))
             self.model.train()
         self.accelerator.wait_for_everyone()
         return out
@@ -449,24 +462,31 @@ class GRPOTrainer:
         try:
             if not self.live_engine and self.step == 0:
                 self.engine.update_weights(self.model)
-            if c.eval_every and self.eval_hooks and self.step == 0:  # the starting point, logged as step 0
+            if self.step == 0:  # the starting point, logged as step 0
                 start = self.evaluate()
-                logger.log(0, start)
-                history.append(start)
+                if start:
+                    logger.log(0, start)
+                    history.append(start)
             while self.step < total:
                 metrics = self.train_step()
-                if c.eval_every and self.step % c.eval_every == 0:
-                    metrics.update(self.evaluate())
+                metrics.update(self.evaluate(final=self.step == total))
                 logger.log(self.step, metrics)
                 if acc.is_main_process and self._samples:
                     self._write_samples()
                 history.append(metrics)
+                self._notify("step_end", metrics)
                 if (c.save_every and self.step % c.save_every == 0) or self.step == total:
-                    self.save()
+                    self._notify("saved", self.save())
         finally:
             logger.close()
         final = self.save_final()
+        self._notify("saved", final)
         return GRPOResult(str(final), self.step, history)
+
+    def _notify(self, event: str, arg) -> None:
+        """The EvalRunner's callbacks (`step_end(step, metrics)` / `saved(step, path)`), main process only."""
+        if self.eval_runner is not None and self.accelerator.is_main_process:
+            getattr(self.eval_runner, event)(self.step, arg)
 
     def _write_samples(self) -> None:
         import json
@@ -498,13 +518,26 @@ class GRPOTrainer:
 
 
 def run_grpo(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig, output_dir: str | Path, *,
-             eval_hooks: Sequence[EvalHook] = (), resume: bool = True, required_columns: Sequence[str] = ()) -> GRPOResult:
+             eval_hooks: Sequence[EvalHook] = (), resume: bool = True, required_columns: Sequence[str] = (),
+             eval_runner=None) -> GRPOResult:
     """One GRPO stage from recipe sections: model (alignment.sft.ModelConfig), data (DataConfig, `prompt` +
     reward columns), rollout (RolloutConfig), rewards (RewardPipelineConfig), grpo (GRPOConfig).
 
     Stage chaining: stage 2 passes stage 1's `GRPOResult.final_model_dir` as model.name_or_path and its own
     rewards section. The reference policy (β > 0) is the model this stage starts from, also after a resume.
     """
+    trainer = build_grpo_trainer(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg, output_dir,
+                                 eval_hooks=eval_hooks, required_columns=required_columns, eval_runner=eval_runner)
+    try:
+        return trainer.train(resume=resume)
+    finally:
+        trainer.close()
+
+
+def build_grpo_trainer(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig, output_dir: str | Path, *,
+                       eval_hooks: Sequence[EvalHook] = (), required_columns: Sequence[str] = (),
+                       eval_runner=None) -> GRPOTrainer:
+    """`run_grpo`'s trainer (model, tokenizer, data, reward pipeline, rollout engine), before `train()`."""
     from alignment.data import TRAIN_SPLIT, load_prompt_dataset
     from alignment.sft import apply_lora, build_deepseek, load_tokenizer
     from rewards.pipeline import RewardPipeline
@@ -521,9 +554,5 @@ def run_grpo(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig
         if model_cfg.name_or_path is None:
             raise ValueError("rollout.model is unset and the model is built fresh: a vLLM engine needs a checkpoint dir")
         rollout_cfg = dataclasses.replace(rollout_cfg, model=model_cfg.name_or_path)
-    trainer = GRPOTrainer(model, tokenizer, dataset, RewardPipeline(rewards_cfg), grpo_cfg, rollout_cfg, output_dir,
-                          eval_hooks=eval_hooks)
-    try:
-        return trainer.train(resume=resume)
-    finally:
-        trainer.close()
+    return GRPOTrainer(model, tokenizer, dataset, RewardPipeline(rewards_cfg), grpo_cfg, rollout_cfg, output_dir,
+                       eval_hooks=eval_hooks, eval_runner=eval_runner)
