@@ -1,6 +1,6 @@
 """Benchmark of model/kernels at DeepSeek-V2-Lite shapes (GPU, bf16), in one run.
 
-    python benchmarks/kernels.py [--quick]
+    python benchmarks/kernels.py [--quick] [--only moe,mla,...]
 
 For each kernel: median time (triton.testing.do_bench, CUDA events), achieved TFLOP/s or GB/s, the
 percent of the H100 datasheet peak (989 TFLOP/s dense bf16, 3.35 TB/s HBM3) and the speedup over the
@@ -275,17 +275,27 @@ def bench_logprobs(n_tokens: int = 8192, D: int = 2048, V: int = 102400):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
+    parser.add_argument("--only", default="moe,rmsnorm,rope,mla,logprobs",
+                        help="comma-separated subset of moe,rmsnorm,rope,mla,logprobs")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    for n in ((1024,) if args.quick else (4096, 8192)):
-        bench_moe(n)
-    bench_moe(1024 if args.quick else 4096, drop=True)
-    bench_rmsnorm()
-    bench_rope()
-    bench_mla_decode(B=16 if args.quick else 64, S=1024 if args.quick else 4096)
-    bench_logprobs(n_tokens=1024 if args.quick else 8192)
+    if "moe" in only:
+        for n in ((1024,) if args.quick else (4096, 8192)):
+            bench_moe(n)
+        bench_moe(1024 if args.quick else 4096, drop=True)
+    if "rmsnorm" in only:
+        bench_rmsnorm()
+    if "rope" in only:
+        bench_rope()
+    if "mla" in only:
+        bench_mla_decode(B=16 if args.quick else 64, S=1024 if args.quick else 4096)
+        if not args.quick:
+            bench_mla_decode(B=8, S=4096)
+    if "logprobs" in only:
+        bench_logprobs(n_tokens=1024 if args.quick else 8192)
     print("\n| kernel | shape | time (ms) | rate | % H100 peak | vs PyTorch ref | vs HF grouped_mm | notes |")
     print("|---|---|---|---|---|---|---|---|")
     for r in ROWS:

@@ -14,9 +14,11 @@ reference's softmax over all −inf does.
 
 Fused (`_mla_decode_kernel`): per (sequence, split) program, all H heads share every latent tile
 read (the cache is read once per split, not once per head), QKᵀ for the latent and rope parts,
-online softmax in fp32, and P·c_kv — scores never leave registers. Split-K over the context: each
-program covers 1/P of [0, S) intersected with the sequence's range, so a small batch still fills the
-GPU; `_mla_decode_combine_kernel` merges the P partial (max, sum, output) per head. Inference only
+online softmax in fp32, and P·c_kv — scores never leave registers. Split-K over the context
+(flash-decoding): each program covers 1/P of its sequence's own range [start_b, end_b), and P is the
+fewest splits that fill the GPU's multiprocessors (≥ 90% of the last wave), since every split adds
+partial-output traffic; whole tiles load without predicates, only the last one is masked.
+`_mla_decode_combine_kernel` merges the P partial (max, sum, output) per head. Inference only
 (no autograd). Reference: `MultiHeadLatentAttention._absorb` in model/attention.py.
 """
 
@@ -32,9 +34,46 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _mla_decode_tile(s0, hi, key_mask_row, c_base, pe_base, sc_s, sk_s, q_lat_HC, q_pe_HR, scale, m_H, l_H, acc_HC,
+                     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_S: tl.constexpr, TAIL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One BLOCK_S-key step of the online softmax. Full tiles (not TAIL, no mask) load without predicates."""
+    s_S = s0 + tl.arange(0, BLOCK_S)
+    c_C = tl.arange(0, BLOCK_C)
+    r_R = tl.arange(0, BLOCK_R)
+    c_ptrs_SC = c_base + s_S[:, None].to(tl.int64) * sc_s + c_C[None, :]
+    pe_ptrs_SR = pe_base + s_S[:, None].to(tl.int64) * sk_s + r_R[None, :]
+    if TAIL or HAS_MASK:
+        s_ok_S = s_S < hi
+        if HAS_MASK:  # holes inside the range (rare: e.g. a padded token in mid-sequence)
+            s_ok_S = s_ok_S & (tl.load(key_mask_row + s_S, mask=s_ok_S, other=0) != 0)
+        c_SC = tl.load(c_ptrs_SC, mask=s_ok_S[:, None] & (c_C[None, :] < C), other=0.0)
+        pe_SR = tl.load(pe_ptrs_SR, mask=s_ok_S[:, None] & (r_R[None, :] < R), other=0.0)
+    else:
+        if BLOCK_C == C:
+            c_SC = tl.load(c_ptrs_SC)
+        else:
+            c_SC = tl.load(c_ptrs_SC, mask=c_C[None, :] < C, other=0.0)
+        if BLOCK_R == R:
+            pe_SR = tl.load(pe_ptrs_SR)
+        else:
+            pe_SR = tl.load(pe_ptrs_SR, mask=r_R[None, :] < R, other=0.0)
+    scores_HS = tl.dot(q_lat_HC, tl.trans(c_SC), input_precision=PRECISION)
+    scores_HS = tl.dot(q_pe_HR, tl.trans(pe_SR), scores_HS, input_precision=PRECISION) * scale
+    if TAIL or HAS_MASK:
+        scores_HS = tl.where(s_ok_S[None, :], scores_HS, float("-inf"))
+    m_new_H = tl.maximum(m_H, tl.max(scores_HS, axis=1))
+    alpha_H = tl.exp(m_H - m_new_H)
+    p_HS = tl.exp(scores_HS - m_new_H[:, None])
+    l_H = l_H * alpha_H + tl.sum(p_HS, axis=1)
+    acc_HC = acc_HC * alpha_H[:, None] + tl.dot(p_HS.to(c_SC.dtype), c_SC, input_precision=PRECISION)
+    return m_new_H, l_H, acc_HC
+
+
+@triton.jit
 def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_ptr, key_mask_ptr, acc_ptr, ml_ptr,
-                       H, C, R, keys_per_split, scale,
-                       sq_b, sq_h, sp_b, sp_h, sc_b, sc_s, sk_b, sk_s, sm_b,
+                       H, scale, sq_b, sq_h, sp_b, sp_h, sc_b, sc_s, sk_b, sk_s, sm_b,
+                       C: tl.constexpr, R: tl.constexpr,
                        HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -47,29 +86,28 @@ def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_p
                        mask=(h_H[:, None] < H) & (c_C[None, :] < C), other=0.0)
     q_pe_HR = tl.load(q_pe_ptr + b * sp_b + h_H[:, None] * sp_h + r_R[None, :],
                       mask=(h_H[:, None] < H) & (r_R[None, :] < R), other=0.0)
-    lo = tl.maximum(tl.load(start_ptr + b), split * keys_per_split)
-    hi = tl.minimum(tl.load(end_ptr + b), (split + 1) * keys_per_split)
+    # This sequence's own range cut into n_splits equal BLOCK_S-aligned parts (left padding and ragged
+    # ends shorten every split of that row alike, instead of emptying the first or last ones).
+    start = tl.load(start_ptr + b)
+    end = tl.load(end_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(tl.maximum(end - start, 0), n_splits), BLOCK_S) * BLOCK_S
+    lo = start + split * per_split
+    hi = tl.minimum(end, lo + per_split)
+    c_base = c_kv_ptr + b * sc_b
+    pe_base = k_pe_ptr + b * sk_b
+    key_mask_row = key_mask_ptr + b * sm_b
     m_H = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
     l_H = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc_HC = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-    for s0 in range(lo, hi, BLOCK_S):
-        s_S = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
-        s_ok_S = s_S < hi
-        if HAS_MASK:  # holes inside the range (rare: e.g. a padded token in mid-sequence)
-            s_ok_S = s_ok_S & (tl.load(key_mask_ptr + b * sm_b + s_S, mask=s_ok_S, other=0) != 0)
-        c_SC = tl.load(c_kv_ptr + b * sc_b + s_S[:, None] * sc_s + c_C[None, :],
-                       mask=s_ok_S[:, None] & (c_C[None, :] < C), other=0.0)
-        pe_SR = tl.load(k_pe_ptr + b * sk_b + s_S[:, None] * sk_s + r_R[None, :],
-                        mask=s_ok_S[:, None] & (r_R[None, :] < R), other=0.0)
-        scores_HS = tl.dot(q_lat_HC, tl.trans(c_SC), input_precision=PRECISION)
-        scores_HS = tl.dot(q_pe_HR, tl.trans(pe_SR), scores_HS, input_precision=PRECISION)
-        scores_HS = tl.where(s_ok_S[None, :], scores_HS * scale, float("-inf"))
-        m_new_H = tl.maximum(m_H, tl.max(scores_HS, axis=1))
-        alpha_H = tl.exp(m_H - m_new_H)
-        p_HS = tl.exp(scores_HS - m_new_H[:, None])
-        l_H = l_H * alpha_H + tl.sum(p_HS, axis=1)
-        acc_HC = acc_HC * alpha_H[:, None] + tl.dot(p_HS.to(c_SC.dtype), c_SC, input_precision=PRECISION)
-        m_H = m_new_H
+    n_full = tl.maximum(hi - lo, 0) // BLOCK_S
+    for i in range(n_full):
+        m_H, l_H, acc_HC = _mla_decode_tile(lo + i * BLOCK_S, hi, key_mask_row, c_base, pe_base, sc_s, sk_s,
+                                            q_lat_HC, q_pe_HR, scale, m_H, l_H, acc_HC, C, R, BLOCK_C, BLOCK_R,
+                                            BLOCK_S, False, HAS_MASK, PRECISION)
+    if lo + n_full * BLOCK_S < hi:
+        m_H, l_H, acc_HC = _mla_decode_tile(lo + n_full * BLOCK_S, hi, key_mask_row, c_base, pe_base, sc_s, sk_s,
+                                            q_lat_HC, q_pe_HR, scale, m_H, l_H, acc_HC, C, R, BLOCK_C, BLOCK_R,
+                                            BLOCK_S, True, HAS_MASK, PRECISION)
     part = (b * n_splits + split) * BLOCK_H
     tl.store(acc_ptr + (part + h_H[:, None]) * BLOCK_C + c_C[None, :], acc_HC)
     tl.store(ml_ptr + (part + h_H) * 2, m_H)
@@ -78,15 +116,16 @@ def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_p
 
 @triton.jit
 def _mla_decode_combine_kernel(acc_ptr, ml_ptr, out_ptr, H, C, n_splits, so_b, so_h,
-                               BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+                               BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_C: tl.constexpr):
+    """Merge the splits' (max, sum, unnormalised output) per head; one program per (sequence, C chunk)."""
     b = tl.program_id(0).to(tl.int64)
     h_H = tl.arange(0, BLOCK_H)
-    c_C = tl.arange(0, BLOCK_C)
+    c_C = tl.program_id(1) * CHUNK_C + tl.arange(0, CHUNK_C)
     m_H = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
     for split in range(n_splits):
         m_H = tl.maximum(m_H, tl.load(ml_ptr + ((b * n_splits + split) * BLOCK_H + h_H) * 2))
     l_H = tl.zeros([BLOCK_H], dtype=tl.float32)
-    out_HC = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    out_HC = tl.zeros([BLOCK_H, CHUNK_C], dtype=tl.float32)
     for split in range(n_splits):
         part = (b * n_splits + split) * BLOCK_H
         w_H = tl.exp(tl.load(ml_ptr + (part + h_H) * 2) - m_H)
@@ -97,14 +136,32 @@ def _mla_decode_combine_kernel(acc_ptr, ml_ptr, out_ptr, H, C, n_splits, so_b, s
              mask=(h_H[:, None] < H) & (c_C[None, :] < C))
 
 
+def _default_splits(B: int, S: int, block_s: int, device) -> int:
+    """Fewest context splits that give at least one full wave of programs with ≥ 90% of the last wave
+    busy (a partial last wave idles SMs for a whole program's time; more splits cost combine traffic)."""
+    if interpreting():
+        return 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    max_splits = max(1, triton.cdiv(max(S, 1), block_s))
+    for splits in range(1, min(max_splits, 4 * sms) + 1):
+        programs = B * splits
+        if programs / (triton.cdiv(programs, sms) * sms) >= 0.9:
+            return splits
+    return min(max_splits, triton.cdiv(sms, max(B, 1)))
+
+
 def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.Tensor, k_pe_BSR: torch.Tensor,
                start_B: torch.Tensor, end_B: torch.Tensor, softmax_scale: float,
-               key_mask_BS: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+               key_mask_BS: torch.Tensor | None = None, num_splits: int | None = None, *,
+               block_s: int | None = None, num_warps: int | None = None, num_stages: int | None = None
+               ) -> torch.Tensor:
     """Latent attention output [B, H, C] (dtype of c_kv) of one query token per sequence.
 
     c_kv / k_pe may be strided views into one [B, S, C+R] cache (last dim contiguous).
     start_B / end_B: int tensors, the key range [start_b, end_b) of each sequence (only it is read).
     key_mask_BS: optional bool/int8 [B, S], keys inside the range that are nevertheless masked out.
+    num_splits / block_s / num_warps / num_stages: launch shape (defaults: tuned on an H100 at V2-Lite
+    shapes, see benchmarks/README.md); results do not depend on them beyond rounding.
     """
     check_inputs("mla_decode", q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR)
     B, H, C = q_lat_BHC.shape
@@ -117,15 +174,16 @@ def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.
     tensors = [q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR]
     q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR = (t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
     BLOCK_H, BLOCK_C, BLOCK_R = max(16, next_pow2(H)), next_pow2(C), max(16, next_pow2(R))
-    BLOCK_S = 64 if interpreting() else (32 if BLOCK_C >= 512 else 64)
+    sixteen_bit = c_kv_BSC.dtype != torch.float32
+    if block_s is None:  # 64 keys x (C+R) x 2 B x 3 stages fits shared memory in 16-bit; fp32 takes 32 x 2
+        block_s = 64 if (interpreting() or sixteen_bit) else 32
+    if num_warps is None:
+        num_warps = 4 if interpreting() else 8
+    if num_stages is None:
+        num_stages = 3 if sixteen_bit else 2
     if num_splits is None:
-        if interpreting():
-            num_splits = 2
-        else:
-            sms = torch.cuda.get_device_properties(c_kv_BSC.device).multi_processor_count
-            num_splits = triton.cdiv(2 * sms, B)
-    num_splits = max(1, min(num_splits, triton.cdiv(max(S, 1), BLOCK_S)))
-    keys_per_split = triton.cdiv(triton.cdiv(max(S, 1), num_splits), BLOCK_S) * BLOCK_S
+        num_splits = _default_splits(B, S, block_s, c_kv_BSC.device)
+    num_splits = max(1, min(num_splits, triton.cdiv(max(S, 1), block_s)))
     acc = torch.empty(B, num_splits, BLOCK_H, BLOCK_C, dtype=torch.float32, device=c_kv_BSC.device)
     ml = torch.empty(B, num_splits, BLOCK_H, 2, dtype=torch.float32, device=c_kv_BSC.device)
     out_BHC = torch.empty(B, H, C, dtype=c_kv_BSC.dtype, device=c_kv_BSC.device)
@@ -138,14 +196,16 @@ def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.
         key_mask_BS = key_mask_BS.to(torch.int8).contiguous()
     _mla_decode_kernel[(B, num_splits)](
         q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR, start_B, end_B,
-        key_mask_BS if key_mask_BS is not None else start_B, acc, ml, H, C, R, keys_per_split, softmax_scale,
+        key_mask_BS if key_mask_BS is not None else start_B, acc, ml, H, softmax_scale,
         q_lat_BHC.stride(0), q_lat_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
         c_kv_BSC.stride(0), c_kv_BSC.stride(1), k_pe_BSR.stride(0), k_pe_BSR.stride(1),
-        key_mask_BS.stride(0) if key_mask_BS is not None else 0, HAS_MASK=key_mask_BS is not None,
+        key_mask_BS.stride(0) if key_mask_BS is not None else 0, C=C, R=R, HAS_MASK=key_mask_BS is not None,
         PRECISION=dot_precision(c_kv_BSC.dtype), BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
-        BLOCK_S=BLOCK_S, num_warps=4 if interpreting() else 8, num_stages=2)
-    _mla_decode_combine_kernel[(B,)](acc, ml, out_BHC, H, C, num_splits, out_BHC.stride(0), out_BHC.stride(1),
-                                     BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, num_warps=8)
+        BLOCK_S=block_s, num_warps=num_warps, num_stages=num_stages)
+    chunk_c = min(BLOCK_C, 128)
+    _mla_decode_combine_kernel[(B, BLOCK_C // chunk_c)](
+        acc, ml, out_BHC, H, C, num_splits, out_BHC.stride(0), out_BHC.stride(1),
+        BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, CHUNK_C=chunk_c, num_warps=4)
     return out_BHC
 
 
