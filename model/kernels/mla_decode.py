@@ -24,6 +24,8 @@ partial-output traffic; whole tiles load without predicates, only the last one i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -136,12 +138,17 @@ def _mla_decode_combine_kernel(acc_ptr, ml_ptr, out_ptr, H, C, n_splits, so_b, s
              mask=(h_H[:, None] < H) & (c_C[None, :] < C))
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _default_splits(B: int, S: int, block_s: int, device) -> int:
     """Fewest context splits that give at least one full wave of programs with ≥ 90% of the last wave
     busy (a partial last wave idles SMs for a whole program's time; more splits cost combine traffic)."""
     if interpreting():
         return 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     max_splits = max(1, triton.cdiv(max(S, 1), block_s))
     for splits in range(1, min(max_splits, 4 * sms) + 1):
         programs = B * splits
