@@ -326,6 +326,45 @@ def test_mla_decode_mask_with_hole():
     assert_matches("mla_decode hole", out, ref, ref64)
 
 
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_mla_decode_split_counts(monkeypatch, dtype, num_splits):
+    """One split (written directly, no merge) and five 32-key splits, the last ones empty for the short
+    rows, merged in-kernel by the split that arrives last. Two calls: on the GPU the second reuses the
+    arrival counters, which the first must have left at 0."""
+    import functools
+
+    import model.kernels.mla_decode as mla_mod
+    from model.attention import MultiHeadLatentAttention
+    from model.config import DeepseekV2Config
+
+    monkeypatch.setattr(mla_mod, "mla_decode", functools.partial(mla_mod.mla_decode, num_splits=num_splits,
+                                                                 block_s=32))
+    torch.manual_seed(29)
+    cfg = DeepseekV2Config.preset("tiny", initializer_range=0.1)
+    ref_attn = MultiHeadLatentAttention(cfg, 0)
+    for p in ref_attn.parameters():
+        p.data.normal_(0, 0.05)
+    ker_attn = MultiHeadLatentAttention(DeepseekV2Config.preset("tiny", initializer_range=0.1, kernels="triton"), 0)
+    ker_attn.load_state_dict(ref_attn.state_dict())
+    B, S, H = 3, 150, cfg.num_attention_heads
+    C, R, N = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+    latent = _randn(B, S, C + R, dtype=dtype, seed=30)
+    args = (_randn(B, H, 1, N, dtype=dtype, seed=31), _randn(B, H, 1, R, dtype=dtype, seed=32),
+            latent[..., :C], latent[..., C:])
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=DEVICE)
+    for b, (lo, hi) in enumerate([(0, 150), (37, 150), (5, 99)]):
+        mask[b, ..., lo:hi] = True
+    with torch.no_grad():
+        ker_attn, ref_attn = ker_attn.to(DEVICE, dtype), ref_attn.to(DEVICE, dtype)
+        outs = [ker_attn._absorb_decode_kernel(*args, mask) for _ in range(2)]
+        ref = ref_attn._absorb(*args, mask)
+        ref64 = ref_attn.to(DEVICE, torch.float64)._absorb(*(a.double() for a in args), mask)
+    for i, out in enumerate(outs):
+        assert_matches(f"mla_decode splits={num_splits} call {i}", out, ref, ref64)
+
+
 # ---------------------------------------------------------------------------------------- whole model
 def _count_kernel_calls(monkeypatch) -> dict[str, int]:
     """Wrap the kernels' entry points so a test can assert the triton model really used them."""

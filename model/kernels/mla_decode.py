@@ -18,13 +18,16 @@ online softmax in fp32, and P·c_kv — scores never leave registers. Split-K ov
 (flash-decoding): each program covers 1/P of its sequence's own range [start_b, end_b), and P is the
 fewest splits that fill the GPU's multiprocessors (≥ 90% of the last wave), since every split adds
 partial-output traffic; whole tiles load without predicates, only the last one is masked.
-`_mla_decode_combine_kernel` merges the P partial (max, sum, output) per head. Inference only
-(no autograd). Reference: `MultiHeadLatentAttention._absorb` in model/attention.py.
+The P partial (max, sum, unnormalised output) per head are merged in the same launch: each split
+stores its partial and bumps its sequence's arrival counter, and the split that arrives last merges
+all P (flash-decoding's combine without a second kernel launch, whose host-side launch cost exceeded
+the combine's own device time). Inference only (no autograd). Reference: `MultiHeadLatentAttention._absorb` in model/attention.py.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -73,9 +76,9 @@ def _mla_decode_tile(s0, hi, key_mask_row, c_base, pe_base, sc_s, sk_s, q_lat_HC
 
 
 @triton.jit
-def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_ptr, key_mask_ptr, acc_ptr, ml_ptr,
-                       H, scale, sq_b, sq_h, sp_b, sp_h, sc_b, sc_s, sk_b, sk_s, sm_b,
-                       C: tl.constexpr, R: tl.constexpr,
+def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_ptr, key_mask_ptr, part_ptr,
+                       arrivals_ptr, out_ptr, H, scale, sq_b, sq_h, sp_b, sp_h, sc_b, sc_s, sk_b, sk_s, sm_b,
+                       so_b, so_h, C: tl.constexpr, R: tl.constexpr, SPLIT: tl.constexpr,
                        HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -110,32 +113,40 @@ def _mla_decode_kernel(q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, start_ptr, end_p
         m_H, l_H, acc_HC = _mla_decode_tile(lo + n_full * BLOCK_S, hi, key_mask_row, c_base, pe_base, sc_s, sk_s,
                                             q_lat_HC, q_pe_HR, scale, m_H, l_H, acc_HC, C, R, BLOCK_C, BLOCK_R,
                                             BLOCK_S, True, HAS_MASK, PRECISION)
-    part = (b * n_splits + split) * BLOCK_H
-    tl.store(acc_ptr + (part + h_H[:, None]) * BLOCK_C + c_C[None, :], acc_HC)
-    tl.store(ml_ptr + (part + h_H) * 2, m_H)
-    tl.store(ml_ptr + (part + h_H) * 2 + 1, l_H)
-
-
-@triton.jit
-def _mla_decode_combine_kernel(acc_ptr, ml_ptr, out_ptr, H, C, n_splits, so_b, so_h,
-                               BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_C: tl.constexpr):
-    """Merge the splits' (max, sum, unnormalised output) per head; one program per (sequence, C chunk)."""
-    b = tl.program_id(0).to(tl.int64)
-    h_H = tl.arange(0, BLOCK_H)
-    c_C = tl.program_id(1) * CHUNK_C + tl.arange(0, CHUNK_C)
-    m_H = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
-    for split in range(n_splits):
-        m_H = tl.maximum(m_H, tl.load(ml_ptr + ((b * n_splits + split) * BLOCK_H + h_H) * 2))
-    l_H = tl.zeros([BLOCK_H], dtype=tl.float32)
-    out_HC = tl.zeros([BLOCK_H, CHUNK_C], dtype=tl.float32)
-    for split in range(n_splits):
+    out_ptrs_HC = out_ptr + b * so_b + h_H[:, None] * so_h + c_C[None, :]
+    out_ok_HC = (h_H[:, None] < H) & (c_C[None, :] < C)
+    if SPLIT:
+        # Partials: [B, P, BLOCK_H, BLOCK_C] unnormalised outputs, then [B, P, BLOCK_H, 2] (max, sum).
+        ml_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * n_splits * BLOCK_H * BLOCK_C
         part = (b * n_splits + split) * BLOCK_H
-        w_H = tl.exp(tl.load(ml_ptr + (part + h_H) * 2) - m_H)
-        l_H += w_H * tl.load(ml_ptr + (part + h_H) * 2 + 1)
-        out_HC += w_H[:, None] * tl.load(acc_ptr + (part + h_H[:, None]) * BLOCK_C + c_C[None, :])
-    out_HC = out_HC / l_H[:, None]  # 0/0 = nan for an empty key range, as in the reference
-    tl.store(out_ptr + b * so_b + h_H[:, None] * so_h + c_C[None, :], out_HC.to(out_ptr.dtype.element_ty),
-             mask=(h_H[:, None] < H) & (c_C[None, :] < C))
+        tl.store(part_ptr + (part + h_H[:, None]) * BLOCK_C + c_C[None, :], acc_HC)
+        tl.store(ml_ptr + (part + h_H) * 2, m_H)
+        tl.store(ml_ptr + (part + h_H) * 2 + 1, l_H)
+        # Every thread's stores happen before the arrival (barrier); the release/acquire atomic makes
+        # them visible to the sequence's last-arriving split, which merges all P partials (re-read from
+        # L2 with .cg, its own included) and resets the counter to 0 for the next call.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + b, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            tl.debug_barrier()  # every thread's partial loads below come after the acquire
+            m_H = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
+            for s in range(n_splits):
+                part = (b * n_splits + s) * BLOCK_H
+                m_H = tl.maximum(m_H, tl.load(ml_ptr + (part + h_H) * 2, cache_modifier=".cg"))
+            l_H = tl.zeros([BLOCK_H], dtype=tl.float32)
+            acc_HC = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+            for s in range(n_splits):
+                part = (b * n_splits + s) * BLOCK_H
+                w_H = tl.exp(tl.load(ml_ptr + (part + h_H) * 2, cache_modifier=".cg") - m_H)
+                l_H += w_H * tl.load(ml_ptr + (part + h_H) * 2 + 1, cache_modifier=".cg")
+                acc_HC += w_H[:, None] * tl.load(part_ptr + (part + h_H[:, None]) * BLOCK_C + c_C[None, :],
+                                                 cache_modifier=".cg")
+            out_HC = acc_HC / l_H[:, None]  # 0/0 = nan for an empty key range, as in the reference
+            tl.store(out_ptrs_HC, out_HC.to(out_ptr.dtype.element_ty), mask=out_ok_HC)
+            tl.store(arrivals_ptr + b, 0)
+    else:
+        out_HC = acc_HC / l_H[:, None]
+        tl.store(out_ptrs_HC, out_HC.to(out_ptr.dtype.element_ty), mask=out_ok_HC)
 
 
 @functools.cache
@@ -143,7 +154,7 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_splits(B: int, S: int, block_s: int, device) -> int:
+def _default_splits(B: int, S: int, block_s: int, device: torch.device) -> int:
     """Fewest context splits that give at least one full wave of programs with ≥ 90% of the last wave
     busy (a partial last wave idles SMs for a whole program's time; more splits cost combine traffic)."""
     if interpreting():
@@ -155,6 +166,86 @@ def _default_splits(B: int, S: int, block_s: int, device) -> int:
         if programs / (triton.cdiv(programs, sms) * sms) >= 0.9:
             return splits
     return min(max_splits, triton.cdiv(sms, max(B, 1)))
+
+
+class _LaunchPlan(NamedTuple):
+    block_h: int
+    block_c: int
+    block_r: int
+    block_s: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+    precision: str
+
+
+@functools.cache
+def _launch_plan(B: int, H: int, C: int, R: int, S: int, dtype: torch.dtype, device: torch.device,
+                 interpret: bool, num_splits: int | None, block_s: int | None, num_warps: int | None,
+                 num_stages: int | None) -> _LaunchPlan:
+    """Tile sizes and split count for one problem shape, computed once per shape (host time per decode
+    step is on the critical path: at B=64, S=4096 the whole kernel takes ~0.11 ms on an H100)."""
+    sixteen_bit = dtype != torch.float32
+    if block_s is None:  # 64 keys x (C+R) x 2 B x 3 stages fits shared memory in 16-bit; fp32 takes 32 x 2
+        block_s = 64 if (interpret or sixteen_bit) else 32
+    if num_warps is None:
+        num_warps = 4 if interpret else 8
+    if num_stages is None:
+        num_stages = 3 if sixteen_bit else 2
+    if num_splits is None:
+        num_splits = _default_splits(B, S, block_s, device)
+    num_splits = max(1, min(num_splits, triton.cdiv(max(S, 1), block_s)))
+    return _LaunchPlan(max(16, next_pow2(H)), next_pow2(C), max(16, next_pow2(R)), block_s, num_splits, num_warps,
+                       num_stages, dot_precision(dtype))
+
+
+# Per-(device, stream) int32 arrival counters of the split programs. The kernel leaves every counter it
+# uses at 0 again (the last split of a sequence resets it), so a call needs no memset launch; calls on
+# one stream run one after the other, so they can share the buffer. Not a cache of results: only the
+# all-zero counters persist between calls.
+_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrival_counters(B: int, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        # CPU interpreter, or a CUDA graph being captured: the graph's memory pool must own the buffer
+        # (the captured memset replays with it), not a cache that may later replace it.
+        return torch.zeros(B, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < B:
+        counters = _ARRIVALS[key] = torch.zeros(max(B, 256), dtype=torch.int32, device=device)
+    return counters
+
+
+# Compiled kernels by specialisation, for `_launch`.
+_COMPILED: dict[tuple, object] = {}
+
+
+def _launch(grid, tensors, ints, scale: float, constexprs, plan: _LaunchPlan, device: torch.device) -> None:
+    """Launch `_mla_decode_kernel`. The first launch of a specialisation goes through Triton's JIT
+    (compile, or its cache), which returns the compiled kernel; later launches call that kernel
+    directly, skipping `JITFunction.run`'s per-call argument binding and cache lookup (host time of a
+    whole `mla_decode` call on the H100 machine: 133 µs through the JIT, 83 µs direct; the kernel
+    itself takes ~110 µs at B=64, S=4096, so the JIT path left the GPU waiting in a decode loop).
+    The key holds everything Triton specialises a launch on: each tensor's 16-byte alignment (dtypes
+    follow from the input dtype and the constexprs), each int's ==1 / %16 / 32-bit range, the
+    constexprs and the launch options."""
+    args = (*tensors[:10], *ints[:1], scale, *ints[1:], *constexprs)
+    if interpreting():
+        _mla_decode_kernel[grid](*args, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        return
+    key = (device, tensors[2].dtype, constexprs, plan.num_warps, plan.num_stages,
+           tuple(t.data_ptr() % 16 == 0 for t in tensors),
+           tuple((i == 1, i % 16 == 0, -2 ** 31 <= i < 2 ** 31) for i in ints))
+    kernel = _COMPILED.get(key)
+    if kernel is None:
+        kernel = _mla_decode_kernel[grid](*args, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        if hasattr(kernel, "result"):  # an asynchronous compile's future
+            kernel = kernel.result()
+        _COMPILED[key] = kernel
+    else:
+        kernel[grid](*args, stream=torch.cuda.current_stream().cuda_stream)  # the JIT's choice too
 
 
 def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.Tensor, k_pe_BSR: torch.Tensor,
@@ -169,6 +260,7 @@ def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.
     key_mask_BS: optional bool/int8 [B, S], keys inside the range that are nevertheless masked out.
     num_splits / block_s / num_warps / num_stages: launch shape (defaults: tuned on an H100 at V2-Lite
     shapes, see benchmarks/README.md); results do not depend on them beyond rounding.
+    One kernel launch; every check here is host-side metadata (no device sync).
     """
     check_inputs("mla_decode", q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR)
     B, H, C = q_lat_BHC.shape
@@ -176,43 +268,45 @@ def mla_decode(q_lat_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, c_kv_BSC: torch.
     if q_pe_BHR.shape != (B, H, R) or c_kv_BSC.shape != (B, S, C) or start_B.shape != (B,) or end_B.shape != (B,):
         raise ValueError(f"mla_decode: shapes q_lat {tuple(q_lat_BHC.shape)}, q_pe {tuple(q_pe_BHR.shape)}, "
                          f"c_kv {tuple(c_kv_BSC.shape)}, k_pe {tuple(k_pe_BSR.shape)}, ranges {tuple(start_B.shape)}")
-    if len({q_lat_BHC.dtype, q_pe_BHR.dtype, c_kv_BSC.dtype, k_pe_BSR.dtype}) != 1:
+    dtype = c_kv_BSC.dtype
+    if q_lat_BHC.dtype != dtype or q_pe_BHR.dtype != dtype or k_pe_BSR.dtype != dtype:
         raise TypeError("mla_decode: query and cache must share a dtype")
-    tensors = [q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR]
-    q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR = (t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
-    BLOCK_H, BLOCK_C, BLOCK_R = max(16, next_pow2(H)), next_pow2(C), max(16, next_pow2(R))
-    sixteen_bit = c_kv_BSC.dtype != torch.float32
-    if block_s is None:  # 64 keys x (C+R) x 2 B x 3 stages fits shared memory in 16-bit; fp32 takes 32 x 2
-        block_s = 64 if (interpreting() or sixteen_bit) else 32
-    if num_warps is None:
-        num_warps = 4 if interpreting() else 8
-    if num_stages is None:
-        num_stages = 3 if sixteen_bit else 2
-    if num_splits is None:
-        num_splits = _default_splits(B, S, block_s, c_kv_BSC.device)
-    num_splits = max(1, min(num_splits, triton.cdiv(max(S, 1), block_s)))
-    acc = torch.empty(B, num_splits, BLOCK_H, BLOCK_C, dtype=torch.float32, device=c_kv_BSC.device)
-    ml = torch.empty(B, num_splits, BLOCK_H, 2, dtype=torch.float32, device=c_kv_BSC.device)
-    out_BHC = torch.empty(B, H, C, dtype=c_kv_BSC.dtype, device=c_kv_BSC.device)
+    if key_mask_BS is not None and key_mask_BS.shape != (B, S):
+        raise ValueError(f"mla_decode: key mask {tuple(key_mask_BS.shape)}, expected {(B, S)}")
+    device = c_kv_BSC.device
+    out_BHC = torch.empty(B, H, C, dtype=dtype, device=device)
     if B == 0:
         return out_BHC
-    start_B, end_B = start_B.to(torch.int32).contiguous(), end_B.to(torch.int32).contiguous()
+    if q_lat_BHC.stride(-1) != 1:
+        q_lat_BHC = q_lat_BHC.contiguous()
+    if q_pe_BHR.stride(-1) != 1:
+        q_pe_BHR = q_pe_BHR.contiguous()
+    if c_kv_BSC.stride(-1) != 1:
+        c_kv_BSC = c_kv_BSC.contiguous()
+    if k_pe_BSR.stride(-1) != 1:
+        k_pe_BSR = k_pe_BSR.contiguous()
+    plan = _launch_plan(B, H, C, R, S, dtype, device, interpreting(), num_splits, block_s, num_warps, num_stages)
+    split = plan.num_splits > 1
+    if split:  # partial outputs [B, P, BLOCK_H, BLOCK_C] followed by (max, sum) [B, P, BLOCK_H, 2], fp32
+        partials = torch.empty(B * plan.num_splits * plan.block_h * (plan.block_c + 2), dtype=torch.float32,
+                               device=device)
+        arrivals = _arrival_counters(B, device)
+    else:
+        partials = arrivals = out_BHC  # unused
+    if start_B.dtype != torch.int32 or not start_B.is_contiguous():
+        start_B = start_B.to(torch.int32).contiguous()
+    if end_B.dtype != torch.int32 or not end_B.is_contiguous():
+        end_B = end_B.to(torch.int32).contiguous()
     if key_mask_BS is not None:
-        if key_mask_BS.shape != (B, S):
-            raise ValueError(f"mla_decode: key mask {tuple(key_mask_BS.shape)}, expected {(B, S)}")
         key_mask_BS = key_mask_BS.to(torch.int8).contiguous()
-    _mla_decode_kernel[(B, num_splits)](
-        q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR, start_B, end_B,
-        key_mask_BS if key_mask_BS is not None else start_B, acc, ml, H, softmax_scale,
-        q_lat_BHC.stride(0), q_lat_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
-        c_kv_BSC.stride(0), c_kv_BSC.stride(1), k_pe_BSR.stride(0), k_pe_BSR.stride(1),
-        key_mask_BS.stride(0) if key_mask_BS is not None else 0, C=C, R=R, HAS_MASK=key_mask_BS is not None,
-        PRECISION=dot_precision(c_kv_BSC.dtype), BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R,
-        BLOCK_S=block_s, num_warps=num_warps, num_stages=num_stages)
-    chunk_c = min(BLOCK_C, 128)
-    _mla_decode_combine_kernel[(B, BLOCK_C // chunk_c)](
-        acc, ml, out_BHC, H, C, num_splits, out_BHC.stride(0), out_BHC.stride(1),
-        BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, CHUNK_C=chunk_c, num_warps=4)
+    tensors = (q_lat_BHC, q_pe_BHR, c_kv_BSC, k_pe_BSR, start_B, end_B,
+               key_mask_BS if key_mask_BS is not None else start_B, partials, arrivals, out_BHC)
+    ints = (H, q_lat_BHC.stride(0), q_lat_BHC.stride(1), q_pe_BHR.stride(0), q_pe_BHR.stride(1),
+            c_kv_BSC.stride(0), c_kv_BSC.stride(1), k_pe_BSR.stride(0), k_pe_BSR.stride(1),
+            key_mask_BS.stride(0) if key_mask_BS is not None else 0, out_BHC.stride(0), out_BHC.stride(1))
+    constexprs = (C, R, split, key_mask_BS is not None, plan.precision, plan.block_h, plan.block_c, plan.block_r,
+                  plan.block_s)
+    _launch((B, plan.num_splits, 1), tensors, ints, float(softmax_scale), constexprs, plan, device)
     return out_BHC
 
 
