@@ -112,7 +112,7 @@ def build_reward_model(config: ModelConfig, tokenizer, seed: int):
     """A one-label sequence classifier: ours from a preset / RM / SFT checkpoint, else transformers'."""
     import torch
 
-    from model import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification
+    from model import DeepseekV2ForSequenceClassification
 
     overrides = {"num_labels": 1, **config.config_overrides}
     path = config.name_or_path
@@ -132,16 +132,12 @@ def build_reward_model(config: ModelConfig, tokenizer, seed: int):
         return model
     if OUR_RM_ARCHITECTURE in raw.get("architectures", []):
         return build_deepseek(config, tokenizer, seed, cls=DeepseekV2ForSequenceClassification)
-    # A causal LM (e.g. the SFT model): same backbone keys (`model.*`); the LM head is dropped and the
-    # score head is freshly initialised (seeded).
-    lm = build_deepseek(config, tokenizer, seed, cls=DeepseekV2ForCausalLM)
-    lm.config.num_labels = 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DeepseekV2ForSequenceClassification(lm.config).to(lm.dtype)
-    model.model.load_state_dict(lm.model.state_dict(), strict=True)
-    model.train()
-    return model
+    # A causal LM (e.g. the SFT model): same backbone keys (`model.*`); the LM head is skipped and the
+    # score head is freshly initialised (seeded). Loaded straight into the classifier, so that under
+    # ZeRO-3 it is partitioned like any other load.
+    return build_deepseek(ModelConfig(**{**config.__dict__, "config_overrides": overrides}), tokenizer, seed,
+                          cls=DeepseekV2ForSequenceClassification, init_missing=["score."],
+                          ignore_unexpected=["lm_head."])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +211,9 @@ def build_reward_trainer(config: RewardModelConfig, extra_callbacks: Sequence = 
 
     model_cfg, train_cfg, out_cfg = config.model, config.training, config.output
     tokenizer = load_tokenizer(model_cfg)
-    model = build_reward_model(model_cfg, tokenizer, train_cfg.seed)
-    if model_cfg.lora:
-        model = apply_lora(model, model_cfg.lora, "SEQ_CLS")
     splits = load_preference_dataset(config.data)
     eval_dataset = splits[EVAL_SPLIT] if EVAL_SPLIT in splits else None
+    # The arguments before the model, as in alignment.sft.build_sft_trainer (ZeRO-3 partitioned loading).
     args = RewardConfig(
         output_dir=out_cfg.output_dir,
         seed=train_cfg.seed,
@@ -249,6 +243,9 @@ def build_reward_trainer(config: RewardModelConfig, extra_callbacks: Sequence = 
         dataset_num_proc=None,
         **trainer_logging_args(config.logging),
     )
+    model = build_reward_model(model_cfg, tokenizer, train_cfg.seed)
+    if model_cfg.lora:
+        model = apply_lora(model, model_cfg.lora, "SEQ_CLS")
     trainer = _make_trainer_class()(
         model=model,
         args=args,

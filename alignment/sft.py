@@ -261,27 +261,34 @@ def check_special_tokens(model_config, tokenizer) -> None:
             raise ValueError(f"model {name}_token_id is {ours} but the tokenizer's is {theirs}")
 
 
-def build_deepseek(config: ModelConfig, tokenizer, seed: int, cls=None):
-    """A DeepseekV2 model of class `cls` (default: the causal LM), from the checkpoint or freshly built."""
+def build_deepseek(config: ModelConfig, tokenizer, seed: int, cls=None, **load_options):
+    """A DeepseekV2 model of class `cls` (default: the causal LM), from the checkpoint or freshly built.
+    `load_options`: `init_missing` / `ignore_unexpected` of `from_pretrained` (model.checkpoint).
+
+    Under DeepSpeed ZeRO-3 the model comes out partitioned: the stage's TrainingArguments must exist
+    before this is called (their construction under an accelerate DeepSpeed launch is what makes
+    `is_deepspeed_zero3_enabled()` true)."""
     import torch
 
     from model import DeepseekV2Config, DeepseekV2ForCausalLM
+    from model.checkpoint import fresh_model
 
     cls = cls or DeepseekV2ForCausalLM
     dtype = getattr(torch, config.dtype)
-    if config.name_or_path is not None:
-        model = cls.from_pretrained(config.name_or_path, dtype=dtype, **config.config_overrides)
-    else:
-        model_config = DeepseekV2Config.preset(
-            config.preset,
-            **{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               **config.config_overrides},
-        )
-        # Seeded here, not by Trainer: the initial weights are part of the run's reproducibility.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = cls(model_config).to(dtype)
+    # Seeded here, not by Trainer: the initial weights (of a fresh model or of the parameters a checkpoint
+    # lacks, e.g. a reward head) are part of the run's reproducibility.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if config.name_or_path is not None:
+            model = cls.from_pretrained(config.name_or_path, dtype=dtype, **load_options, **config.config_overrides)
+        else:
+            model_config = DeepseekV2Config.preset(
+                config.preset,
+                **{"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   **config.config_overrides},
+            )
+            model = fresh_model(cls, model_config, dtype)
     check_special_tokens(model.config, tokenizer)
     model.train()
     return model
@@ -295,7 +302,12 @@ def lora_config(settings: LoraSettings, task_type: str):
 
 
 def apply_lora(model, settings: LoraSettings, task_type: str):
-    """`model` wrapped by peft with LoRA adapters on the configured nn.Linear modules.
+    """`model` wrapped by peft with LoRA adapters on the configured nn.Linear modules."""
+    return wrap_lora(model, lora_config(settings, task_type))
+
+
+def wrap_lora(model, peft_config):
+    """`get_peft_model(model, peft_config)`, with one workaround.
 
     peft (0.21) rewrites the targets of models whose `model_type` transformers 5 stores with fused experts
     (deepseek_v2 among them): `gate_proj`/`up_proj`/`down_proj` become parameter targets on the fused
@@ -309,7 +321,7 @@ def apply_lora(model, settings: LoraSettings, task_type: str):
     had_own = "model_type" in vars(config)
     config.model_type = f"latentalign-{type(config).model_type}"
     try:
-        return get_peft_model(model, lora_config(settings, task_type))
+        return get_peft_model(model, peft_config)
     finally:
         if had_own:
             config.model_type = type(config).model_type
@@ -417,13 +429,12 @@ def build_sft_trainer(config: SFTConfig, extra_callbacks: Sequence = (), eval_ca
 
     model_cfg, train_cfg, out_cfg = config.model, config.training, config.output
     tokenizer = load_tokenizer(model_cfg)
-    model = build_deepseek(model_cfg, tokenizer, train_cfg.seed)
-    if model_cfg.lora:
-        model = apply_lora(model, model_cfg.lora, "CAUSAL_LM")
     splits = load_chat_dataset(config.data)
     eval_dataset = splits[EVAL_SPLIT] if EVAL_SPLIT in splits else None
     evaluates = eval_dataset is not None
 
+    # The arguments before the model: under an accelerate DeepSpeed launch their construction registers
+    # the DeepSpeed config with transformers, and only then does ZeRO-3 build the model partitioned.
     args = TRLSFTConfig(
         output_dir=out_cfg.output_dir,
         seed=train_cfg.seed,
@@ -458,6 +469,9 @@ def build_sft_trainer(config: SFTConfig, extra_callbacks: Sequence = (), eval_ca
         dataset_num_proc=None,
         **trainer_logging_args(config.logging),
     )
+    model = build_deepseek(model_cfg, tokenizer, train_cfg.seed)
+    if model_cfg.lora:
+        model = apply_lora(model, model_cfg.lora, "CAUSAL_LM")
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -471,15 +485,47 @@ def build_sft_trainer(config: SFTConfig, extra_callbacks: Sequence = (), eval_ca
 
 
 def save_final_model(trainer, output_dir: str) -> None:
-    """Full model (LoRA merged) in HF format + tokenizer into output_dir; the adapter also under adapter/."""
+    """Full model (LoRA merged) in HF format + tokenizer into output_dir; the adapter also under adapter/.
+    Every process must call it (under ZeRO-3 the parameters are gathered collectively)."""
     from peft import PeftModel
 
     model = trainer.model
+    if _zero3_partitioned(model):
+        _save_final_zero3(trainer, output_dir)
+        return
     if isinstance(model, PeftModel):
         model.save_pretrained(os.path.join(output_dir, "adapter"))
         model = model.merge_and_unload()
     model.save_pretrained(output_dir)
     trainer.processing_class.save_pretrained(output_dir)
+
+
+def _zero3_partitioned(model) -> bool:
+    return any(hasattr(p, "ds_numel") for p in model.parameters())
+
+
+def _save_final_zero3(trainer, output_dir: str) -> None:
+    """ZeRO-3: the full state dict is gathered onto the main process (DeepSpeed's consolidated state dict,
+    which needs zero3_save_16bit_model / stage3_gather_16bit_weights_on_model_save), which writes it;
+    with LoRA the main process first rebuilds the peft model on its CPU from that state dict (meta
+    construction + assign, no other copy) and merges it there, as the unpartitioned path does."""
+    import torch
+    from peft import PeftModel
+
+    model = trainer.model
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.is_world_process_zero():
+        if isinstance(model, PeftModel):
+            base = model.get_base_model()
+            with torch.device("meta"):
+                rebuilt = wrap_lora(type(base)(base.config), model.peft_config["default"])
+            rebuilt.load_state_dict(state_dict, strict=True, assign=True)
+            rebuilt.save_pretrained(os.path.join(output_dir, "adapter"))
+            rebuilt.merge_and_unload().save_pretrained(output_dir)
+        else:
+            model.save_pretrained(output_dir, state_dict=state_dict)
+        trainer.processing_class.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
 
 
 def save_final_and_notify(trainer, output_dir: str) -> None:

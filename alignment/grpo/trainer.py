@@ -97,6 +97,7 @@ class GRPOTrainer:
         from accelerate import Accelerator
 
         self.config = config
+        refuse_deepspeed_launch()
         # Without a GPU, `cpu=True` is what makes a `--multi_gpu` launch a gloo MULTI_CPU group (otherwise every
         # process believes it is alone).
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -517,6 +518,26 @@ class GRPOTrainer:
         self.engine.close()
 
 
+def refuse_deepspeed_launch() -> None:
+    """GRPO does not run under an accelerate DeepSpeed launch (any ZeRO stage): the policy is prepared with
+    `prepare_model`, which under DeepSpeed neither builds a DeepSpeed engine nor wraps DDP (gradients would
+    not be synchronised), and ZeRO-3 partitioned parameters are not gathered for rollouts, weight sync to
+    the engine, the reference copy or checkpoints; nor is the model loaded partitioned. Refused up front
+    rather than every process silently loading and training its own full copy."""
+    import os
+
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+        raise NotImplementedError(
+            f"GRPO under a DeepSpeed launch (ZeRO stage {stage}) is not supported: the GRPO trainer has no "
+            "DeepSpeed engine (no ZeRO partitioning or gradient synchronisation), and no gathering of ZeRO-3 "
+            "parameters for rollouts, vLLM weight sync, the reference policy or checkpoints. Launch GRPO "
+            "with a DDP or single-process accelerate config (recipes/accelerate/ddp.yaml, cpu.yaml), "
+            "with LoRA if the full model does not fit.")
+
+
 def run_grpo(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig, output_dir: str | Path, *,
              eval_hooks: Sequence[EvalHook] = (), resume: bool = True, required_columns: Sequence[str] = (),
              eval_runner=None) -> GRPOResult:
@@ -538,6 +559,7 @@ def build_grpo_trainer(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: 
                        eval_hooks: Sequence[EvalHook] = (), required_columns: Sequence[str] = (),
                        eval_runner=None) -> GRPOTrainer:
     """`run_grpo`'s trainer (model, tokenizer, data, reward pipeline, rollout engine), before `train()`."""
+    refuse_deepspeed_launch()  # before any weight is loaded
     from alignment.data import TRAIN_SPLIT, load_prompt_dataset
     from alignment.sft import apply_lora, build_deepseek, load_tokenizer
     from rewards.pipeline import RewardPipeline
