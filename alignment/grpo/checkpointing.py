@@ -5,6 +5,11 @@ Layout: `<output_dir>/checkpoints/step-<N>/` holding
     optimizer.pt, scheduler.pt, rewards.pt (the reward pipeline's running statistics)
     rng-<rank>.pt        python / numpy / torch RNG of every process
     trainer_state.json   step, data position, config — written last
+Under DeepSpeed (ZeRO-2/3, alignment/grpo/zero.py) the engine's state replaces optimizer.pt:
+    accelerate/          accelerator.save_state: DeepSpeed's model + ZeRO optimizer shards (every process
+                         writes its own), accelerate's RNG files; resume is accelerator.load_state
+and model/ is written from the state dict gathered onto the main process (ZeRO-3), so that step-<N>/model
+loads like any checkpoint.
 
 Atomicity: everything is written into `.tmp-step-<N>` and the directory is renamed to `step-<N>` in one
 `os.rename` once every process has finished writing (a barrier). A `kill -9` at any moment leaves either
@@ -65,8 +70,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, model, optimizer, scheduler,
-                    trainer_state: dict, reward_state: dict | None, keep: int) -> Path:
-    """Write step-<step> atomically (module docstring); every process must call it."""
+                    trainer_state: dict, reward_state: dict | None, keep: int, *, deepspeed: bool = False,
+                    model_state: dict | None = None) -> Path:
+    """Write step-<step> atomically (module docstring); every process must call it. `deepspeed`: the
+    prepared DeepSpeed engine's state through accelerator.save_state instead of optimizer.pt;
+    `model_state`: the gathered state dict to write as model/ (ZeRO-3; None: the model's own)."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -79,9 +87,15 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, model, optim
         tmp.mkdir()
     accelerator.wait_for_everyone()
     _atomic_torch_save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if deepspeed:  # collective: every process writes its ZeRO shards
+        accelerator.save_state(str(tmp / "accelerate"))
     if accelerator.is_main_process:
-        model.save_pretrained(tmp / "model")
-        _atomic_torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if model_state is not None:
+            model.save_pretrained(tmp / "model", state_dict=model_state)
+        else:
+            model.save_pretrained(tmp / "model")
+        if not deepspeed:
+            _atomic_torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _atomic_torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if reward_state is not None:
             _atomic_torch_save(reward_state, tmp / "rewards.pt")
@@ -129,10 +143,21 @@ def load_policy_weights(model, checkpoint: Path) -> None:
                            f"unexpected {unexpected[:5]}")
 
 
-def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, scheduler) -> tuple[dict, dict | None]:
-    """Restore everything; returns (trainer_state, reward_state)."""
-    load_policy_weights(model, checkpoint)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, scheduler, *,
+                    deepspeed: bool = False) -> tuple[dict, dict | None]:
+    """Restore everything; returns (trainer_state, reward_state). `deepspeed`: model and optimizer from the
+    DeepSpeed engine's state (accelerator.load_state), which a checkpoint of the DDP path lacks."""
+    if deepspeed:
+        if not (checkpoint / "accelerate").is_dir():
+            raise RuntimeError(f"{checkpoint} has no DeepSpeed state (accelerate/): it was written without DeepSpeed; "
+                               "resume it under the launch config that wrote it")
+        accelerator.load_state(str(checkpoint / "accelerate"))
+    else:
+        if not (checkpoint / "optimizer.pt").is_file():
+            raise RuntimeError(f"{checkpoint} has no optimizer.pt: it was written under DeepSpeed; resume it under "
+                               "the DeepSpeed launch config that wrote it")
+        load_policy_weights(model, checkpoint)
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     rng_file = checkpoint / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():

@@ -24,6 +24,10 @@ One step (`GRPOConfig.max_steps` of them):
    (the EvalRunner's evaluators on their schedule, with the engine; plain eval hooks every `eval_every`
    steps), metrics, callbacks, atomic checkpoint (checkpointing.py).
 
+Under an accelerate DeepSpeed launch (ZeRO-2 / ZeRO-3) the same loop runs on DeepSpeed's engine: zero.py
+says what changes (engine step and clipping, no loss division by its accumulation steps, partitioned
+building, gathered weights, the reference's own engine).
+
 Departures from the paper / TRL, and why:
 - Population std in the advantage (advantages.py).
 - The MoE balance losses are off by default during RL (`balance_coef_*`): with a few hundred sequences per
@@ -47,6 +51,7 @@ from typing import Any
 
 import torch
 
+from . import zero
 from .advantages import group_advantages, overlong_soft_penalty, zero_variance_groups
 from .batch import PolicyLogprobs, RouterProbe, SequenceBatch, build_sequence_batch, moe_metrics
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -94,13 +99,10 @@ class GRPOTrainer:
     def __init__(self, model, tokenizer, train_dataset, reward_pipeline, config: GRPOConfig, rollout_config,
                  output_dir: str | Path, *, ref_model=None, eval_hooks: Sequence[EvalHook] = (), accelerator=None,
                  engine=None, reward_columns: Sequence[str] | None = None, eval_runner=None):
-        from accelerate import Accelerator
-
         self.config = config
-        refuse_deepspeed_launch()
-        # Without a GPU, `cpu=True` is what makes a `--multi_gpu` launch a gloo MULTI_CPU group (otherwise every
-        # process believes it is alone).
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or make_accelerator()
+        self.zero_stage = zero.zero_stage(self.accelerator)
+        """DeepSpeed ZeRO stage of the launch (zero.py), None on the DDP / single-process path."""
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.reward_pipeline = reward_pipeline
@@ -124,6 +126,11 @@ class GRPOTrainer:
                 if not self.is_peft:
                     raise ValueError("grpo.reference=disable_adapter needs a LoRA (PEFT) policy")
             else:  # a frozen copy of the starting policy (before any resume: the reference is the stage's start)
+                if ref_model is None and zero.is_partitioned(model):
+                    raise ValueError(
+                        "grpo.reference=frozen_copy under ZeRO-3: a partitioned policy cannot be deep-copied; pass "
+                        "ref_model (build_grpo_trainer builds it from the checkpoint), or use beta=0, or LoRA with "
+                        "reference=disable_adapter")
                 ref = ref_model if ref_model is not None else copy.deepcopy(model)
                 ref.eval().requires_grad_(False)
                 self.ref_policy = PolicyLogprobs(ref, config.temperature, config.logprob_chunk_size)
@@ -136,8 +143,18 @@ class GRPOTrainer:
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
-        # Only the model is prepared (DDP); optimizer and schedule stay plain so that one `step()` is one step.
-        self.policy = self.accelerator.prepare_model(self.local_policy)
+        if self.zero_stage is None:
+            # Only the model is prepared (DDP); optimizer and schedule stay plain so that one `step()` is one step.
+            self.policy = self.accelerator.prepare_model(self.local_policy)
+        else:
+            # DeepSpeed: the engine owns the optimizer step; `self.optimizer` stays the AdamW whose param groups
+            # the ZeRO optimizer steps (the LambdaLR sets their lr). See zero.py.
+            zero.configure(self.accelerator, config.micro_batch_size, config.max_grad_norm)
+            self.policy, _ = self.accelerator.prepare(self.local_policy, self.optimizer)
+            if self.zero_stage == 3:
+                zero.register_external_parameters(self.local_policy)
+                if self.ref_policy is not None and zero.is_partitioned(self.ref_policy):
+                    self.ref_policy = zero.reference_engine(self.ref_policy, self.accelerator)
         self.loss_fn = GRPOLoss(config.clip_eps_low, config.clip_eps_high, config.beta,
                                 make_aggregation(config.aggregation, config.max_new_tokens), config.ratio_level)
         self.router_probe = RouterProbe(model)
@@ -149,8 +166,23 @@ class GRPOTrainer:
 
             engine = build_engine(rollout_config, model=model if self.live_engine else None, tokenizer=tokenizer)
         self.engine = engine
+        if self.zero_stage == 3 and self.accelerator.num_processes > 1:
+            self._refuse_main_only_forwards()
         self.stream = PromptStream(train_dataset, config.seed)
         self.step = 0
+
+    def _refuse_main_only_forwards(self) -> None:
+        """ZeRO-3 with several processes: every forward of the partitioned policy gathers its parameters from
+        all processes, so every process must run the same forwards. Rollouts on the live policy do not (each
+        process decodes until its own groups stop), nor do evaluation hooks (main process only)."""
+        if self.live_engine:
+            raise NotImplementedError(
+                "ZeRO-3 with several processes and rollout.backend=native on the live policy: the processes decode "
+                "different numbers of steps and a ZeRO-3 forward is collective. Use rollout.backend: vllm (each "
+                "process's engine gets the gathered weights), a native engine on its own copy (rollout.model), or ZeRO-2")
+        if self.eval_hooks:
+            raise NotImplementedError("ZeRO-3 with several processes: eval hooks run the partitioned policy on the "
+                                      "main process only; use the eval: section's evaluators (they use the engine)")
 
     # ------------------------------------------------------------------ rollouts and rewards
     def _sampling(self, seed: int):
@@ -319,8 +351,10 @@ class GRPOTrainer:
             norm = LossNormalizer(float(counts[0]), float(counts[1]), acc.num_processes)
             micro = self._micro_batches(part) if len(part) else []
             for k, mb in enumerate(micro):
-                sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.policy)
-                with sync:
+                last = k == len(micro) - 1
+                if self.zero_stage is not None:
+                    self.policy.set_gradient_accumulation_boundary(last)
+                with nullcontext() if last or self.zero_stage is not None else acc.no_sync(self.policy):
                     first_pass = u == 0 or mb.old_logp_BC is None
                     logp_BC, entropy_BC, balance, routed = self._forward(self.policy, mb, with_entropy=first_pass)
                     dev = logp_BC.device
@@ -337,7 +371,10 @@ class GRPOTrainer:
                         aux = (c.balance_coef_expert * balance["expert"] + c.balance_coef_device * balance["device"]
                                + c.balance_coef_comm * balance["comm"])
                         loss = loss + share * aux
-                    acc.backward(loss)
+                    if self.zero_stage is None:
+                        acc.backward(loss)
+                    else:  # the loss is normalised over the whole batch already: DeepSpeed must not divide by its GAS
+                        self.policy.backward(loss, scale_wrt_gas=False)
                 n_tok = m.pop("tokens")
                 tokens_seen += n_tok
                 loss_total += float(loss.detach()) / c.updates_per_batch  # the mean over processes is the batch loss
@@ -355,12 +392,18 @@ class GRPOTrainer:
                         valid = mb.attention_mask_BS.to(dev)
                         for key, v in moe_metrics(scores, routed, valid, self.model.config.n_routed_experts).items():
                             moe[key].append(v)
-            grad_norm = acc.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm) if c.max_grad_norm > 0 else None
+            if self.zero_stage is None:
+                grad_norm = acc.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm) if c.max_grad_norm > 0 else None
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            else:  # clipping (config gradient_clipping), step and zero_grad; nothing to step without a backward
+                grad_norm = None
+                if micro:
+                    self.policy.step()
+                    grad_norm = self.policy.get_global_grad_norm() if c.max_grad_norm > 0 else None
             if grad_norm is not None:
                 grad_norms.append(float(grad_norm))
-            self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: v / max(tokens_seen, 1.0) for k, v in sums.items()}
         metrics.pop("ratio/max", None)
         t = mismatch.pop("_tokens", 0.0)
@@ -395,18 +438,35 @@ class GRPOTrainer:
         checkpoint = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
         if checkpoint is None:
             return False
-        state, reward_state = load_checkpoint(self.accelerator, checkpoint, self.model, self.optimizer, self.scheduler)
+        state, reward_state = load_checkpoint(self.accelerator, checkpoint, self.model, self.optimizer, self.scheduler,
+                                              deepspeed=self.zero_stage is not None)
         self.step, self.stream.position = state["step"], state["data_position"]
         if reward_state is not None and reward_state.get("running") is not None:
             self.reward_pipeline._running = reward_state["running"]
             self.reward_pipeline.failures_total = reward_state["failures_total"]
-        if not self.live_engine:
-            self.engine.update_weights(self.model)
+        self.sync_engine()
         return True
+
+    def full_state_dict(self, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+        """ZeRO-3: the policy's state dict gathered module by module (zero.gathered_state_dict; on the main
+        process only unless `everywhere`); None where every process holds the whole parameters."""
+        return zero.gathered_state_dict(self.model, everywhere) if self.zero_stage == 3 else None
+
+    def sync_engine(self) -> None:
+        """The policy's weights into a rollout engine that holds its own copy (vLLM, a separate native model).
+        Under ZeRO-3 every process gathers the full weights (its engine needs them all), LoRA merged."""
+        if self.live_engine:
+            return
+        state = self.full_state_dict(everywhere=True)
+        if state is None:
+            self.engine.update_weights(self.model)
+        else:
+            self.engine.update_weights(zero.rebuilt_peft(self.model, state) if self.is_peft else state)
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.output_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self._trainer_state(), self._reward_state(), self.config.keep_checkpoints)
+                               self._trainer_state(), self._reward_state(), self.config.keep_checkpoints,
+                               deepspeed=self.zero_stage is not None, model_state=self.full_state_dict())
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """What is due at the current step, on the main process: the plain eval hooks (every
@@ -444,8 +504,7 @@ class GRPOTrainer:
                 self.router_probe.active = False
             metrics["time/update_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if not self.live_engine:
-            self.engine.update_weights(self.model)
+        self.sync_engine()
         metrics["time/weight_sync_s"] = time.perf_counter() - t0
         self.step += 1
         metrics["time/step_s"] = time.perf_counter() - t_start
@@ -461,9 +520,8 @@ class GRPOTrainer:
         logger = MetricsLogger(self.output_dir, acc.is_main_process, total, self.step, c.tensorboard, c.progress_bar)
         history = []
         try:
-            if not self.live_engine and self.step == 0:
-                self.engine.update_weights(self.model)
             if self.step == 0:  # the starting point, logged as step 0
+                self.sync_engine()
                 start = self.evaluate()
                 if start:
                     logger.log(0, start)
@@ -499,15 +557,18 @@ class GRPOTrainer:
     def save_final(self) -> Path:
         """The trained policy in HF layout (LoRA merged) + tokenizer: what the next stage starts from."""
         final = self.output_dir / "final"
+        state = self.full_state_dict()  # ZeRO-3: gathered onto the main process (every process takes part)
         if self.accelerator.is_main_process:
             model = self.model
-            if self.is_peft:
+            if self.is_peft and state is not None:
+                model, state = zero.rebuilt_peft(model, state).merge_and_unload(), None
+            elif self.is_peft:
                 from rollout import policy_state_dict
 
                 base = copy.deepcopy(model.get_base_model())
                 base.load_state_dict(policy_state_dict(model), strict=False)
                 model = base
-            model.save_pretrained(final)
+            model.save_pretrained(final, state_dict=state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(final)
         self.accelerator.wait_for_everyone()
@@ -518,24 +579,14 @@ class GRPOTrainer:
         self.engine.close()
 
 
-def refuse_deepspeed_launch() -> None:
-    """GRPO does not run under an accelerate DeepSpeed launch (any ZeRO stage): the policy is prepared with
-    `prepare_model`, which under DeepSpeed neither builds a DeepSpeed engine nor wraps DDP (gradients would
-    not be synchronised), and ZeRO-3 partitioned parameters are not gathered for rollouts, weight sync to
-    the engine, the reference copy or checkpoints; nor is the model loaded partitioned. Refused up front
-    rather than every process silently loading and training its own full copy."""
-    import os
-
+def make_accelerator():
+    """The trainer's Accelerator for the current launch. Without a GPU, `cpu=True` is what makes a `--multi_gpu`
+    launch a gloo MULTI_CPU group (otherwise every process believes it is alone), but it also turns a DeepSpeed
+    launch into MULTI_CPU: under DeepSpeed it is left off (DeepSpeed picks its CPU accelerator itself)."""
+    from accelerate import Accelerator
     from accelerate.utils import parse_flag_from_env
 
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
-        raise NotImplementedError(
-            f"GRPO under a DeepSpeed launch (ZeRO stage {stage}) is not supported: the GRPO trainer has no "
-            "DeepSpeed engine (no ZeRO partitioning or gradient synchronisation), and no gathering of ZeRO-3 "
-            "parameters for rollouts, vLLM weight sync, the reference policy or checkpoints. Launch GRPO "
-            "with a DDP or single-process accelerate config (recipes/accelerate/ddp.yaml, cpu.yaml), "
-            "with LoRA if the full model does not fit.")
+    return Accelerator(cpu=not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"))
 
 
 def run_grpo(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig, output_dir: str | Path, *,
@@ -558,14 +609,22 @@ def run_grpo(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig
 def build_grpo_trainer(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: GRPOConfig, output_dir: str | Path, *,
                        eval_hooks: Sequence[EvalHook] = (), required_columns: Sequence[str] = (),
                        eval_runner=None) -> GRPOTrainer:
-    """`run_grpo`'s trainer (model, tokenizer, data, reward pipeline, rollout engine), before `train()`."""
-    refuse_deepspeed_launch()  # before any weight is loaded
+    """`run_grpo`'s trainer (model, tokenizer, data, reward pipeline, rollout engine), before `train()`.
+
+    The accelerator comes before the model: under an accelerate ZeRO-3 launch (zero3_init_flag) its DeepSpeed
+    plugin registers the config with transformers, and only then is the model built partitioned (as in
+    alignment.sft.build_sft_trainer). The frozen reference is then built a second time from the same
+    checkpoint / seed (a partitioned model cannot be deep-copied; zero.py)."""
     from alignment.data import TRAIN_SPLIT, load_prompt_dataset
     from alignment.sft import apply_lora, build_deepseek, load_tokenizer
     from rewards.pipeline import RewardPipeline
 
+    accelerator = make_accelerator()
     tokenizer = load_tokenizer(model_cfg)
     model = build_deepseek(model_cfg, tokenizer, grpo_cfg.seed)
+    ref_model = None
+    if grpo_cfg.beta > 0 and grpo_cfg.reference == "frozen_copy" and zero.is_partitioned(model):
+        ref_model = build_deepseek(model_cfg, tokenizer, grpo_cfg.seed)  # the stage's starting weights, partitioned
     if model_cfg.lora is not None:
         # Not get_peft_model directly: apply_lora works around peft retargeting deepseek_v2 experts.
         model = apply_lora(model, model_cfg.lora, "CAUSAL_LM")
@@ -577,4 +636,4 @@ def build_grpo_trainer(model_cfg, data_cfg, rollout_cfg, rewards_cfg, grpo_cfg: 
             raise ValueError("rollout.model is unset and the model is built fresh: a vLLM engine needs a checkpoint dir")
         rollout_cfg = dataclasses.replace(rollout_cfg, model=model_cfg.name_or_path)
     return GRPOTrainer(model, tokenizer, dataset, RewardPipeline(rewards_cfg), grpo_cfg, rollout_cfg, output_dir,
-                       eval_hooks=eval_hooks, eval_runner=eval_runner)
+                       ref_model=ref_model, eval_hooks=eval_hooks, accelerator=accelerator, eval_runner=eval_runner)
