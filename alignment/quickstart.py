@@ -29,14 +29,20 @@ STAGES = ["sft", "rm_helpful", "rm_safety", "grpo_stage1", "grpo_stage2"]
 EVALUATED = {"sft": "after SFT", "grpo_stage1": "after GRPO stage 1", "grpo_stage2": "after GRPO stage 2"}
 
 
-def evaluate(model_dir: Path, data: Path, run: Path, max_samples: int = 100) -> dict[str, float]:
+def model_dir(run: Path, stage: str) -> Path:
+    """Where a stage leaves its model: SFT and RM write the run directory itself, GRPO its `final/`
+    (beside checkpoints/ and the logs)."""
+    return run / stage / "final" if stage.startswith("grpo") else run / stage
+
+
+def evaluate(checkpoint: Path, data: Path, run: Path, max_samples: int = 100) -> dict[str, float]:
     """Held-out math accuracy, code pass rate and mean helpful / safety reward of one checkpoint."""
     from alignment.evaluators import EvalContext, accuracy, reward_mean
     from alignment.tokenizer import load_tokenizer
     from model import DeepseekV2ForCausalLM
 
-    model = DeepseekV2ForCausalLM.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir if (model_dir / "tokenizer_config.json").exists() else data / "tokenizer")
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+    tokenizer = load_tokenizer(checkpoint if (checkpoint / "tokenizer_config.json").exists() else data / "tokenizer")
     context = EvalContext(model=model, tokenizer=tokenizer, step=0, run_dir=run)
     math = accuracy(context, files=[str(data / "math_grpo" / "test.jsonl")], max_samples=max_samples,
                     max_new_tokens=40)
@@ -95,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         timings["data"] = time.perf_counter() - t
     rows: dict[str, dict[str, float]] = {}
     for stage in STAGES:
-        out_dir = run / stage
+        out_dir = model_dir(run, stage)
         if not (args.skip_existing and (out_dir / "config.json").exists()):
             t = time.perf_counter()
             print(f"\n=== {stage} ({RECIPES / (stage + '.yaml')}) ===", flush=True)
             run_recipe(RECIPES / f"{stage}.yaml")
             timings[stage] = time.perf_counter() - t
         if stage == "rm_safety":  # reward models exist from here on: evaluate the SFT model now
-            rows[EVALUATED["sft"]] = evaluate(run / "sft", data, run)
+            rows[EVALUATED["sft"]] = evaluate(model_dir(run, "sft"), data, run)
         elif stage in EVALUATED and stage != "sft":
             rows[EVALUATED[stage]] = evaluate(out_dir, data, run)
     table = format_table(rows)
