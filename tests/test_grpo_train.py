@@ -1,13 +1,14 @@
 """The GRPO trainer end to end on the CPU: it learns, it shards, it resumes.
 
 - A tiny SFT'd DeepseekV2 (alignment/grpo/tiny.py: a plain seeded SFT loop on the shipped arithmetic task,
-  held-out greedy accuracy strictly between 0 and 100%) is trained with GRPO for 30 seeded steps: the mean
-  training reward must rise by the margin stated in the test.
-  Why the learning target is math + a length band and not math alone: from a 1M-parameter model at 14%
-  held-out accuracy (400 SFT steps, the most a CI fixture can afford on 2 cores), 30-40 steps of 64-128
-  samples did not lift the math reward at any learning rate tried (1e-4: 14% -> 8.5%, 3e-4: 14% -> 12.5%,
-  1e-3/2e-3: collapse to 4-6%); the length component gives a signal the loop must pick up within the budget.
-  The math-only comparison with TRL over minutes of training is benchmarks/grpo_vs_trl.py --budget-s.
+  held-out greedy accuracy strictly between 0 and 100%) is trained with GRPO on the `math` reward alone,
+  24 seeded steps over a fixed pool of 16 training problems (every step samples G=8 completions of each):
+  the mean training reward of the last 6 steps must beat the first 6 by the margin stated in the test.
+  Why a fixed pool: GRPO must show it climbs its own objective. Held-out accuracy is a different question:
+  from a 1M-parameter model at 14-24% held-out accuracy, minutes of GRPO on fresh problems move it by
+  less than the noise, for our trainer and TRL's alike (benchmarks/README.md, "GRPO vs TRL"); on this
+  tiny model the errors are missing skills (copying operands, times tables) that a few hundred samples
+  do not teach, while on a fixed pool the reward rises within ~10 steps (0.18 -> 0.31 measured).
 - 1 process vs `accelerate launch --multi_gpu --num_processes 2` (gloo DDP on the CPU): the same
   parameters after one step of the same global batch.
 - `kill -9` mid-run, resume: the final parameters equal those of an uninterrupted run, bit for bit.
@@ -119,10 +120,9 @@ def _weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- learning
-REWARDS = {"rewards": [{"name": "math"},
-                       {"name": "length", "kwargs": {"max_length": 30, "unit": "chars", "tolerance": 30}}]}
-"""Stage-1 style pipeline of the learning tests: math accuracy + a length band (≤ 30 characters, then
-falling to 0 at 60). See the module note on why the math component alone is not the learning target."""
+REWARDS = {"rewards": [{"name": "math"}]}
+"""Stage-1 style pipeline of the learning tests: verified math accuracy alone (0/1 per completion)."""
+LEARNING_STEPS, POOL = 24, 16
 
 
 def _learning_run(sft_model, tasks_dir, out, rollout):
@@ -135,37 +135,38 @@ def _learning_run(sft_model, tasks_dir, out, rollout):
 
     test_rows = _rows(tasks_dir / "math_grpo" / "test.jsonl")[:200]
     hook = lambda model, tok: {"accuracy": greedy_accuracy(model, tok, test_rows)}
-    grpo = GRPOConfig(prompts_per_step=8, group_size=8, micro_batch_size=32, max_steps=30, max_new_tokens=40,
-                      learning_rate=1e-3, beta=0.04, aggregation="token_mean", clip_eps_high=0.28,
+    # The paper's defaults (group-std advantages, per-sequence mean, symmetric clip 0.2, k3 KL with β = 0.04),
+    # every pool problem once per step; lr 3e-4 because the model is tiny (1e-3 and above destabilise it).
+    grpo = GRPOConfig(prompts_per_step=POOL, group_size=8, micro_batch_size=64, max_steps=LEARNING_STEPS,
+                      max_new_tokens=40, learning_rate=3e-4, beta=0.04,
                       tis_cap=2.0 if rollout.backend != "native" else None, seed_per_group=False, save_every=0,
-                      eval_every=30, progress_bar=False, tensorboard=False, seed=0)
+                      eval_every=LEARNING_STEPS, progress_bar=False, tensorboard=False, seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         result = run_grpo(ModelConfig(name_or_path=str(sft_model[0])),
-                          DataConfig(train_files=[str(tasks_dir / "math_grpo" / "train.jsonl")]), rollout,
-                          RewardPipelineConfig.from_dict(REWARDS), grpo, out, eval_hooks=[hook])
+                          DataConfig(train_files=[str(tasks_dir / "math_grpo" / "train.jsonl")], max_train_samples=POOL),
+                          rollout, RewardPipelineConfig.from_dict(REWARDS), grpo, out, eval_hooks=[hook])
     finally:
         torch.set_num_threads(threads)
     steps = [h for h in result.history if "reward/mean" in h]
     rewards = [h["reward/mean"] for h in steps]
-    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    print(f"train reward {first:.3f} -> {last:.3f}; math component "
-          f"{sum(h['rewards/math/mean'] for h in steps[:10]) / 10:.3f} -> {sum(h['rewards/math/mean'] for h in steps[-10:]) / 10:.3f}; "
-          f"held-out greedy accuracy {result.history[0]['eval/accuracy']:.3f} -> {result.history[-1]['eval/accuracy']:.3f}")
-    assert len(steps) == 30
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    print(f"train reward (math, pool of {POOL}) {first:.3f} -> {last:.3f}; held-out greedy accuracy "
+          f"{result.history[0]['eval/accuracy']:.3f} -> {result.history[-1]['eval/accuracy']:.3f}")
+    assert len(steps) == LEARNING_STEPS
     return first, last, result
 
 
 @pytest.mark.slow
 def test_grpo_raises_reward_native(sft_model, tasks_dir, tmp_path):
-    """Native rollouts, 30 seeded steps of 8 prompts × G=8: the mean training reward of the last 10 steps
-    beats the first 10 by ≥ 0.15 (reward range 0..2)."""
+    """Native rollouts, 24 seeded steps of 16 pool problems × G=8, math reward alone (0/1): the mean training
+    reward of the last 6 steps beats the first 6 by ≥ 0.08 (measured: 0.18 -> 0.31 from a 400-step SFT start)."""
     from rollout import RolloutConfig
 
     first, last, result = _learning_run(sft_model, tasks_dir, tmp_path / "run", RolloutConfig(backend="native", max_model_len=256))
-    assert last >= first + 0.15
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 31  # step 0 eval + 30 steps
+    assert last >= first + 0.08
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == LEARNING_STEPS + 1  # step-0 eval + steps
 
 
 @pytest.mark.slow
@@ -180,7 +181,7 @@ def test_grpo_raises_reward_vllm(sft_model, tasks_dir, tmp_path):
     first, last, result = _learning_run(sft_model, tasks_dir, tmp_path / "run",
                                         RolloutConfig(backend="vllm", dtype="float32", max_model_len=256,
                                                       kv_cache_memory_bytes=2**28))
-    assert last >= first + 0.15
+    assert last >= first + 0.08
     assert result.history[-1]["mismatch/abs_logp_diff"] < 1e-3  # the engine really got the new weights
 
 
