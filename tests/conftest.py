@@ -7,7 +7,18 @@ any test module imports them. Nothing else reads it: torch-path tests are unaffe
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (training tests: less scheduling noise on the 2-core CI machine),
+    restoring the previous count after it. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from alignment.data import DataConfig
@@ -28,12 +27,7 @@ MICRO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key
 PROBE = "tests.fixtures.user_evaluator:engine_probe"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

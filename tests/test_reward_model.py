@@ -28,12 +28,7 @@ MICRO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key
              rope_scaling=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

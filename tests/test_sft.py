@@ -36,12 +36,7 @@ MICRO = dict(SMALL, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, 
              n_routed_experts=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
