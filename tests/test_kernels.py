@@ -259,6 +259,22 @@ def test_token_logprobs_dispatch_and_nonfinite():
 
 
 # ----------------------------------------------------------------------------------------- MLA decode
+def _mla_pair(seed: int):
+    """(config, reference attention, kernels="triton" attention with the same weights), weights ~ N(0, 0.05)
+    so that the absorbed scores are far from uniform."""
+    from model.attention import MultiHeadLatentAttention
+    from model.config import DeepseekV2Config
+
+    torch.manual_seed(seed)
+    cfg = DeepseekV2Config.preset("tiny", initializer_range=0.1)
+    ref_attn = MultiHeadLatentAttention(cfg, 0)
+    for p in ref_attn.parameters():
+        p.data.normal_(0, 0.05)
+    ker_attn = MultiHeadLatentAttention(DeepseekV2Config.preset("tiny", initializer_range=0.1, kernels="triton"), 0)
+    ker_attn.load_state_dict(ref_attn.state_dict())
+    return cfg, ref_attn, ker_attn
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,S,ranges", [
     (1, 1, [(0, 1)]),                               # a single cached token
@@ -266,16 +282,7 @@ def test_token_logprobs_dispatch_and_nonfinite():
     (2, 70, [(0, 0), (69, 70)]),                    # an empty row (nan, as the reference) and a 1-key row
 ])
 def test_mla_decode(dtype, B, S, ranges):
-    from model.attention import MultiHeadLatentAttention
-    from model.config import DeepseekV2Config
-
-    torch.manual_seed(17)
-    cfg = DeepseekV2Config.preset("tiny", initializer_range=0.1)
-    ref_attn = MultiHeadLatentAttention(cfg, 0)
-    for p in ref_attn.parameters():
-        p.data.normal_(0, 0.05)
-    ker_attn = MultiHeadLatentAttention(DeepseekV2Config.preset("tiny", initializer_range=0.1, kernels="triton"), 0)
-    ker_attn.load_state_dict(ref_attn.state_dict())
+    cfg, ref_attn, ker_attn = _mla_pair(17)
     H, N, R, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     q_nope = _randn(B, H, 1, N, dtype=dtype, seed=18)
     q_pe = _randn(B, H, 1, R, dtype=dtype, seed=19)
@@ -336,18 +343,10 @@ def test_mla_decode_split_counts(monkeypatch, dtype, num_splits):
     import functools
 
     import model.kernels.mla_decode as mla_mod
-    from model.attention import MultiHeadLatentAttention
-    from model.config import DeepseekV2Config
 
     monkeypatch.setattr(mla_mod, "mla_decode", functools.partial(mla_mod.mla_decode, num_splits=num_splits,
                                                                  block_s=32))
-    torch.manual_seed(29)
-    cfg = DeepseekV2Config.preset("tiny", initializer_range=0.1)
-    ref_attn = MultiHeadLatentAttention(cfg, 0)
-    for p in ref_attn.parameters():
-        p.data.normal_(0, 0.05)
-    ker_attn = MultiHeadLatentAttention(DeepseekV2Config.preset("tiny", initializer_range=0.1, kernels="triton"), 0)
-    ker_attn.load_state_dict(ref_attn.state_dict())
+    cfg, ref_attn, ker_attn = _mla_pair(29)
     B, S, H = 3, 150, cfg.num_attention_heads
     C, R, N = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
     latent = _randn(B, S, C + R, dtype=dtype, seed=30)
