@@ -30,9 +30,11 @@ EVALUATED = {"sft": "after SFT", "grpo_stage1": "after GRPO stage 1", "grpo_stag
 
 
 def model_dir(run: Path, stage: str) -> Path:
-    """Where a stage leaves its model: SFT and RM write the run directory itself, GRPO its `final/`
-    (beside checkpoints/ and the logs)."""
-    return run / stage / "final" if stage.startswith("grpo") else run / stage
+    """Where a stage leaves its model: SFT and RM write the run directory itself, GRPO its
+    `final_model_dir` (beside checkpoints/ and the logs)."""
+    from alignment.grpo.checkpointing import final_model_dir
+
+    return final_model_dir(run / stage) if stage.startswith("grpo") else run / stage
 
 
 def evaluate(checkpoint: Path, data: Path, run: Path, max_samples: int = 100) -> dict[str, float]:

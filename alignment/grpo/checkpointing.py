@@ -36,6 +36,11 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def final_model_dir(output_dir: str | Path) -> Path:
+    """Where a finished stage leaves its policy (HF layout + tokenizer): what the next stage starts from."""
+    return Path(output_dir) / "final"
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under output_dir, or None."""
     root = checkpoints_dir(output_dir)

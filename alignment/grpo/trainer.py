@@ -54,7 +54,7 @@ import torch
 from . import zero
 from .advantages import group_advantages, overlong_soft_penalty, zero_variance_groups
 from .batch import PolicyLogprobs, RouterProbe, SequenceBatch, build_sequence_batch, moe_metrics
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import final_model_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import GRPOConfig
 from .loss import GRPOLoss, LossNormalizer, make_aggregation
 from .metrics import MetricsLogger
@@ -556,7 +556,7 @@ class GRPOTrainer:
 
     def save_final(self) -> Path:
         """The trained policy in HF layout (LoRA merged) + tokenizer: what the next stage starts from."""
-        final = self.output_dir / "final"
+        final = final_model_dir(self.output_dir)
         state = self.full_state_dict()  # ZeRO-3: gathered onto the main process (every process takes part)
         if self.accelerator.is_main_process:
             model = self.model
