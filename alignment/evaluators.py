@@ -47,16 +47,25 @@ def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
     return register
 
 
+def _import_dotted(path: str, what: str) -> Any:
+    """The object at `module:attr` or `module.attr`; None when `path` has no dot or colon. An import that
+    fails raises ValueError naming `what` and the path."""
+    module, sep, attr = path.replace(":", ".").rpartition(".")
+    if not sep:
+        return None
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{what} {path!r}: cannot import ({err})") from err
+
+
 def get_evaluator(name: str) -> Evaluator:
     if name in EVALUATORS:
         return EVALUATORS[name]
-    module, sep, attr = name.replace(":", ".").rpartition(".")
-    if sep:
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"evaluator {name!r}: cannot import ({err})") from err
-    raise ValueError(f"unknown evaluator {name!r}; registered: {sorted(EVALUATORS)} (or give a dotted path)")
+    fn = _import_dotted(name, "evaluator")
+    if fn is None:
+        raise ValueError(f"unknown evaluator {name!r}; registered: {sorted(EVALUATORS)} (or give a dotted path)")
+    return fn
 
 
 @dataclass
@@ -129,11 +138,7 @@ class Callback:
 
 def get_callback(path: str) -> type[Callback]:
     """The Callback class at a dotted path `module:Class` (or `module.Class`)."""
-    module, sep, attr = path.replace(":", ".").rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr) if sep else None
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"callback {path!r}: cannot import ({err})") from err
+    cls = _import_dotted(path, "callback")
     if not (isinstance(cls, type) and issubclass(cls, Callback)):
         raise ValueError(f"callback {path!r} is not a subclass of alignment.evaluators.Callback")
     return cls
