@@ -6,6 +6,7 @@ any test module imports them. Nothing else reads it: torch-path tests are unaffe
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,3 +23,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def default_tasks(tmp_path_factory) -> Path:
+    """Every shipped task dataset and the tokenizer at the default sizes, seed 0, built once per session
+    (the SFT and reward-model tests train on them)."""
+    from alignment.tasks.build import BuildConfig, build_task_files
+
+    out = tmp_path_factory.mktemp("default_tasks")
+    build_task_files(BuildConfig(out_dir=str(out), seed=0))
+    return out

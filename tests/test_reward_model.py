@@ -20,7 +20,6 @@ from alignment.reward_model import (
     run_reward_model,
 )
 from alignment.sft import LoggingConfig, ModelConfig, OutputConfig, SFTConfig, SFTTrainingConfig, run_sft
-from alignment.tasks.build import BuildConfig, build_task_files
 
 MICRO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=32,
              qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, intermediate_size=128,
@@ -32,10 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tasks")
-    build_task_files(BuildConfig(out_dir=str(out), seed=0))
-    return out
+def tasks(default_tasks) -> Path:
+    return default_tasks
 
 
 def _config(tasks: Path, out: Path, model: ModelConfig | None = None, train_files=None, eval_files=None,

@@ -24,7 +24,6 @@ from alignment.sft import (
     build_sft_trainer,
     run_sft,
 )
-from alignment.tasks.build import BuildConfig, build_task_files
 
 # A small MLA/MoE model (~1.2M parameters): 4 layers (1 dense + 3 MoE of 8 experts, top-2, 1 shared).
 SMALL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64,
@@ -40,10 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tasks")
-    build_task_files(BuildConfig(out_dir=str(out), seed=0))
-    return out
+def tasks(default_tasks) -> Path:
+    return default_tasks
 
 
 def _config(tasks: Path, out: Path, overrides=MICRO, train_files=None, eval_files=None, lora=None,
