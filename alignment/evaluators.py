@@ -25,7 +25,6 @@ main process writes).
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -48,15 +47,13 @@ def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
 
 
 def _import_dotted(path: str, what: str) -> Any:
-    """The object at `module:attr` or `module.attr`; None when `path` has no dot or colon. An import that
-    fails raises ValueError naming `what` and the path."""
-    module, sep, attr = path.replace(":", ".").rpartition(".")
-    if not sep:
+    """The object at `module:attr` or `module.attr` (rewards.registry.import_dotted); None when `path`
+    has no dot or colon. An import that fails raises a ValueError naming `what` and the path."""
+    if "." not in path and ":" not in path:
         return None
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"{what} {path!r}: cannot import ({err})") from err
+    from rewards.registry import import_dotted
+
+    return import_dotted(path, what)
 
 
 def get_evaluator(name: str) -> Evaluator:

@@ -63,7 +63,7 @@ class RewardRegistry:
                 raise ValueError(f"reward {name!r} is offered by several entry points: {sorted(targets)}")
             return next(iter(entry_points)).load()
         if "." in name or ":" in name:
-            return _import_dotted(name)
+            return import_dotted(name)
         raise KeyError(f"unknown reward {name!r}; known: {', '.join(self.names())}")
 
 
@@ -80,18 +80,27 @@ def reward(name: str) -> Callable[[_T], _T]:
     return decorate
 
 
-def _import_dotted(path: str) -> Any:
+class DottedImportError(KeyError, ValueError):
+    """A dotted path that does not import. A KeyError to registry lookups, a ValueError to config checks."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote the message
+
+
+def import_dotted(path: str, what: str = "reward") -> Any:
+    """The object at `module:attr.sub` or `module.attr`; an import that fails raises DottedImportError
+    naming `what`, the path and the module or attribute that is missing."""
     module_name, sep, attribute = path.partition(":")
     if not sep:
         module_name, _, attribute = path.rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise KeyError(f"reward {path!r}: cannot import module {module_name!r} ({error})") from error
+        raise DottedImportError(f"{what} {path!r}: cannot import module {module_name!r} ({error})") from error
     try:
         return functools.reduce(getattr, attribute.split("."), module)
     except AttributeError:
-        raise KeyError(f"reward {path!r}: module {module_name!r} has no {attribute!r}") from None
+        raise DottedImportError(f"{what} {path!r}: module {module_name!r} has no {attribute!r}") from None
 
 
 def _check_kwargs(target: Callable, kwargs: dict[str, Any], what: str) -> None:
