@@ -328,7 +328,7 @@ def main():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if "moe" in only:
-        for n in ((1024,) if args.quick else (4096, 8192)):
+        for n in ((1024,) if args.quick else (4096, 8192, 16384)):
             bench_moe(n)
         bench_moe(1024 if args.quick else 4096, drop=True)
     if "rmsnorm" in only:

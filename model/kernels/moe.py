@@ -9,19 +9,20 @@ Formula (per token n, the same as `RoutedExperts.forward`, the reference):
 with Wg, Wu [E, F, D], Wd [E, D, F], w [N, K] fp32 gate weights, keep [N, K] the capacity mask
 (all True when dropless; a dropped assignment contributes nothing and gets no gradient).
 
-Forward, three launches after a metadata step that sorts assignments by expert without a host sync:
+Forward, three launches after a metadata step that sorts assignments by expert without a host sync
+(`route_metadata`: per-chunk histograms, offsets, a parallel stable scatter):
   1. `_moe_gate_up_kernel`: per (row block of one expert, F block) gather x rows by token (the
      permutation is fused into the load), two GEMMs sharing the x tile, SwiGLU in registers;
      writes h [P, F] and (training) the pre-activations g, u [P, 2F].
   2. `_moe_down_kernel`: h @ Wd[e]ᵀ, rows scattered back to assignment order y [A, D].
   3. `_moe_combine_kernel`: out_n = Σ_k keep·w·y (fp32 sum, one rounding): the weighted un-permute.
-Backward, four grouped GEMMs and the combine (no atomics):
-  `_moe_hidden_grad_kernel`       z = dout[token] @ Wd[e] with the SwiGLU backward in its epilogue:
-                                  dh = w·z → dg, du [P, 2F]; dw_a = Σ_f z_f·h_f (gate-weight gradient,
-                                  per F block); hw = w·h [P, F] for the next GEMM
-  `_moe_down_weight_grad_kernel`  dWd[e] = Σ_rows dout[token]ᵀ (w·h)  (w moved from dy onto h, so both
-                                  operands go to the tensor cores as loaded)
-  `_moe_gate_up_weight_grad_kernel` [dWg; dWu][e] = Σ_rows [dg, du]ᵀ x[token] (one GEMM over 2F)
+Backward, no atomics:
+  `_moe_gather_rows_kernel`       x and dout in padded-row order [P, D] (zeros on padding rows)
+  `_moe_hidden_grad_kernel`       z = dout_p @ Wd[e] [P, F] (unweighted)
+  `_moe_swiglu_bwd_kernel`        dh = w·z → dg, du [P, 2F]; hw = w·h [P, F]; dw_a = Σ_f z_f·h_f
+  `_moe_weight_grad_kernel` ×2    dWd[e] = Σ_rows dout_pᵀ (w·h)_p and [dWg; dWu][e] = Σ_rows [dg, du]ᵀ x_p:
+                                  GEMMs over each expert's contiguous run of padded rows (w moved from dy
+                                  onto h, so both operands go to the tensor cores as loaded)
   `_moe_input_grad_kernel`        dx_a = dg_a @ Wg[e] + du_a @ Wu[e], then the combine kernel sums
                                   each token's K rows (no weights) into dx [N, D].
 The row-block GEMMs run GROUP_M row blocks over all column tiles at a time (L2 reuse of the rows and
@@ -151,115 +152,126 @@ def _moe_combine_kernel(y_ptr, w_ptr, keep_ptr, out_ptr, N, D, K, HAS_WEIGHTS: t
 
 
 @triton.jit
-def _moe_hidden_grad_kernel(dout_ptr, wd_ptr, gu_ptr, w_ptr, row_ptr, block_expert_ptr, dgu_ptr, hw_ptr, dw_part_ptr,
-                            n_mb, D, F, K, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr):
-    """The down projection's data gradient with the SwiGLU backward in its epilogue:
-    z = dout[token] @ Wd[e]; dw_a += Σ_f z·h; dh = w·z → dg, du; also stores hw = w·h for dWd."""
-    n_f = tl.cdiv(F, BLOCK_N)
-    pid_m, pid_n = _row_block_tile(tl.program_id(0), n_mb, n_f, GROUP_M)
+def _moe_gather_rows_kernel(src_ptr, row_ptr, block_expert_ptr, dst_ptr, D, K,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dst[p] = src[token of row p] for the padded rows of one row block, zeros on its padding rows:
+    the permuted copy that lets the weight-gradient GEMMs stream their operands contiguously."""
+    pid_m = tl.program_id(0)
+    if tl.load(block_expert_ptr + pid_m) < 0:
+        return
+    p_M = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_M = tl.load(row_ptr + p_M)
+    valid_M = row_M >= 0
+    token_M = tl.where(valid_M, row_M // K, 0).to(tl.int64)
+    d_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    vals_MD = tl.load(src_ptr + token_M[:, None] * D + d_D[None, :], mask=valid_M[:, None] & (d_D[None, :] < D),
+                      other=0.0)
+    tl.store(dst_ptr + p_M[:, None] * D + d_D[None, :], vals_MD, mask=d_D[None, :] < D)
+
+
+@triton.jit
+def _moe_hidden_grad_kernel(dout_ptr, wd_ptr, block_expert_ptr, z_ptr, n_mb, D, F, PRECISION: tl.constexpr,
+                            EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """z_p = dout_p @ Wd[e] [P, F] over the permuted dout rows (unweighted; `_moe_swiglu_bwd_kernel`
+    applies w and the SwiGLU backward). A plain GEMM: the SwiGLU epilogue in this kernel needed ~250
+    registers per thread, which forced 64-column tiles whose operand traffic bound it (ncu: L2-bound at
+    ~200 TFLOP/s on an H100); the separate elementwise pass costs one extra round trip of z."""
+    pid_m, pid_n = _row_block_tile(tl.program_id(0), n_mb, tl.cdiv(F, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
     p_M = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_M = tl.load(row_ptr + p_M).to(tl.int64)
-    valid_M = row_M >= 0
-    token_M = tl.where(valid_M, row_M // K, 0)
     f_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d_K = tl.arange(0, BLOCK_K)
-    dout_ptrs_MK = dout_ptr + token_M[:, None] * D + d_K[None, :]
+    dout_ptrs_MK = dout_ptr + p_M[:, None] * D + d_K[None, :]
     wd_ptrs_KN = wd_ptr + e * D * F + d_K[:, None] * F + f_N[None, :]
-    acc_MN = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # z = dout @ Wd[e], unweighted
+    acc_MN = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         if EVEN_K:
-            dout_MK = tl.load(dout_ptrs_MK, mask=valid_M[:, None], other=0.0)
+            dout_MK = tl.load(dout_ptrs_MK)
             wd_KN = tl.load(wd_ptrs_KN, mask=f_N[None, :] < F, other=0.0)
         else:
             k_ok_K = d0 + d_K < D
-            dout_MK = tl.load(dout_ptrs_MK, mask=valid_M[:, None] & k_ok_K[None, :], other=0.0)
+            dout_MK = tl.load(dout_ptrs_MK, mask=k_ok_K[None, :], other=0.0)
             wd_KN = tl.load(wd_ptrs_KN, mask=k_ok_K[:, None] & (f_N[None, :] < F), other=0.0)
         acc_MN = tl.dot(dout_MK, wd_KN, acc_MN, input_precision=PRECISION)
         dout_ptrs_MK += BLOCK_K
         wd_ptrs_KN += BLOCK_K * F
-    mask_MN = valid_M[:, None] & (f_N[None, :] < F)
-    gu_offs_MN = p_M[:, None] * (2 * F) + f_N[None, :]
-    g_MN = tl.load(gu_ptr + gu_offs_MN, mask=mask_MN, other=0.0).to(tl.float32)
-    u_MN = tl.load(gu_ptr + gu_offs_MN + F, mask=mask_MN, other=0.0).to(tl.float32)
-    w_M = tl.load(w_ptr + row_M, mask=valid_M, other=0.0).to(tl.float32)
-    sig_MN = tl.sigmoid(g_MN)
-    silu_MN = g_MN * sig_MN
-    h_MN = (silu_MN * u_MN).to(dgu_ptr.dtype.element_ty).to(tl.float32)  # h as the forward rounded it
-    tl.store(dw_part_ptr + p_M * n_f + pid_n, tl.sum(acc_MN * h_MN, axis=1))
-    dh_MN = acc_MN * w_M[:, None]
-    dg_MN = dh_MN * u_MN * sig_MN * (1.0 + g_MN * (1.0 - sig_MN))
-    du_MN = dh_MN * silu_MN
-    # Padding rows get zeros (not left unwritten): the input-gradient GEMM reads whole row blocks.
-    f_ok_MN = f_N[None, :] < F
-    tl.store(dgu_ptr + gu_offs_MN, dg_MN.to(dgu_ptr.dtype.element_ty), mask=f_ok_MN)
-    tl.store(dgu_ptr + gu_offs_MN + F, du_MN.to(dgu_ptr.dtype.element_ty), mask=f_ok_MN)
-    tl.store(hw_ptr + p_M[:, None] * F + f_N[None, :], (h_MN * w_M[:, None]).to(hw_ptr.dtype.element_ty),
-             mask=f_ok_MN)
+    tl.store(z_ptr + p_M[:, None] * F + f_N[None, :], acc_MN.to(z_ptr.dtype.element_ty), mask=f_N[None, :] < F)
 
 
 @triton.jit
-def _moe_down_weight_grad_kernel(dout_ptr, hw_ptr, row_ptr, expert_start_ptr, expert_count_ptr, dwd_ptr,
-                                 D, F, K, PRECISION: tl.constexpr,
-                                 BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_A: tl.constexpr):
-    """dWd[e] [D, F] = Σ over the expert's rows of dout[token]ᵀ ⊗ (w·h): a GEMM over the expert's
-    contiguous row run, both operands read straight into shared memory (no register-side scaling).
-    Programs are expert-major, so the ones in flight share one expert's rows in L2."""
-    n_d, n_f = tl.cdiv(D, BLOCK_D), tl.cdiv(F, BLOCK_F)
-    pid = tl.program_id(0)
-    e = (pid // (n_d * n_f)).to(tl.int64)
-    d_D = (pid % (n_d * n_f)) // n_f * BLOCK_D + tl.arange(0, BLOCK_D)
-    f_F = (pid % n_f) * BLOCK_F + tl.arange(0, BLOCK_F)
-    start = tl.load(expert_start_ptr + e)
-    count = tl.load(expert_count_ptr + e)
-    acc_DF = tl.zeros([BLOCK_D, BLOCK_F], dtype=tl.float32)
-    for a0 in range(0, count, BLOCK_A):
-        j_A = a0 + tl.arange(0, BLOCK_A)
-        valid_A = j_A < count
-        p_A = (start + j_A).to(tl.int64)
-        row_A = tl.load(row_ptr + p_A, mask=valid_A, other=0).to(tl.int64)
-        dout_AD = tl.load(dout_ptr + (row_A // K)[:, None] * D + d_D[None, :],
-                          mask=valid_A[:, None] & (d_D[None, :] < D), other=0.0)
-        hw_AF = tl.load(hw_ptr + p_A[:, None] * F + f_F[None, :], mask=valid_A[:, None] & (f_F[None, :] < F),
-                        other=0.0)
-        acc_DF = tl.dot(tl.trans(dout_AD), hw_AF, acc_DF, input_precision=PRECISION)
-    tl.store(dwd_ptr + e * D * F + d_D[:, None] * F + f_F[None, :], acc_DF.to(dwd_ptr.dtype.element_ty),
-             mask=(d_D[:, None] < D) & (f_F[None, :] < F))
+def _moe_swiglu_bwd_kernel(z_ptr, gu_ptr, w_ptr, row_ptr, block_expert_ptr, dgu_ptr, hw_ptr, dw_ptr, F,
+                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """SwiGLU backward for BLOCK_R padded rows: dh = w·z → dg = dh·u·σ'(g)-term, du = dh·silu(g);
+    hw = w·h (the down-weight gradient's operand, so that GEMM needs no register-side scaling) and the
+    gate-weight gradient dw_a = Σ_f z_f·h_f, stored at the row's assignment. Padding rows get zeros
+    (z, g and u are zero there), which the weight-gradient GEMMs rely on."""
+    p0 = tl.program_id(0) * BLOCK_R
+    if tl.load(block_expert_ptr + p0 // BLOCK_M) < 0:
+        return
+    p_R = (p0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_R = tl.load(row_ptr + p_R)
+    valid_R = row_R >= 0
+    w_R = tl.load(w_ptr + row_R, mask=valid_R, other=0.0).to(tl.float32)
+    dw_R = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        f_F = f0 + tl.arange(0, BLOCK_F)
+        mask_RF = f_F[None, :] < F
+        z_RF = tl.load(z_ptr + p_R[:, None] * F + f_F[None, :], mask=mask_RF, other=0.0).to(tl.float32)
+        gu_offs_RF = p_R[:, None] * (2 * F) + f_F[None, :]
+        g_RF = tl.load(gu_ptr + gu_offs_RF, mask=mask_RF, other=0.0).to(tl.float32)
+        u_RF = tl.load(gu_ptr + gu_offs_RF + F, mask=mask_RF, other=0.0).to(tl.float32)
+        sig_RF = tl.sigmoid(g_RF)
+        silu_RF = g_RF * sig_RF
+        h_RF = (silu_RF * u_RF).to(dgu_ptr.dtype.element_ty).to(tl.float32)  # h as the forward rounded it
+        dw_R += tl.sum(z_RF * h_RF, axis=1)
+        dh_RF = z_RF * w_R[:, None]
+        tl.store(dgu_ptr + gu_offs_RF, (dh_RF * u_RF * sig_RF * (1.0 + g_RF * (1.0 - sig_RF))).to(dgu_ptr.dtype.element_ty),
+                 mask=mask_RF)
+        tl.store(dgu_ptr + gu_offs_RF + F, (dh_RF * silu_RF).to(dgu_ptr.dtype.element_ty), mask=mask_RF)
+        tl.store(hw_ptr + p_R[:, None] * F + f_F[None, :], (h_RF * w_R[:, None]).to(hw_ptr.dtype.element_ty),
+                 mask=mask_RF)
+    tl.store(dw_ptr + row_R, dw_R, mask=valid_R)
 
 
 @triton.jit
-def _moe_gate_up_weight_grad_kernel(x_ptr, dgu_ptr, row_ptr, expert_start_ptr, expert_count_ptr, dwg_ptr, dwu_ptr,
-                                    D, F, K, PRECISION: tl.constexpr,
-                                    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
-    """[dWg; dWu][e] [2F, D] = Σ_rows [dg, du]ᵀ ⊗ x[token]: one GEMM over the 2F columns of dgu (rows
-    f < F land in dWg, the rest in dWu), so each program holds a single accumulator.
-    Expert-major programs, as in the down-weight gradient."""
-    n_f, n_d = tl.cdiv(2 * F, BLOCK_F), tl.cdiv(D, BLOCK_D)
+def _moe_weight_grad_kernel(a_ptr, b_ptr, expert_start_ptr, expert_count_ptr, c_lo_ptr, c_hi_ptr, DI, DJ, DI_LO,
+                            PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                            BLOCK_A: tl.constexpr):
+    """C[e] [DI, DJ] = Σ over expert e's padded rows p of A[p]ᵀ ⊗ B[p], with A [P, DI] and B [P, DJ] in
+    padded-row order. Output rows i < DI_LO land in c_lo [E, DI_LO, DJ], the rest in c_hi [E, DI − DI_LO, DJ]
+    (dWg and dWu from one GEMM over 2F).
+        dWd:        A = dout permuted [P, D], B = w·h [P, F]          → C = dWd [D, F]
+        [dWg; dWu]: A = [dg, du] [P, 2F],    B = x permuted [P, D]     → C [2F, D]
+    Both operands are contiguous row runs: no per-step index loads, whose latency the short reduction
+    (~A/E rows per expert) cannot hide. The last step may run past the expert's rows into its padding
+    rows, which are zero in every operand (BLOCK_A divides the row-block size), so no row masks.
+    Programs are expert-major, so the ones in flight share one expert's rows in L2. (Several column tiles
+    per program with `tl.range(..., flatten=True)`, to overlap one tile's epilogue with the next tile's
+    loads, ran 5x slower on an H100 with Triton 3.6.)"""
+    n_i, n_j = tl.cdiv(DI, BLOCK_I), tl.cdiv(DJ, BLOCK_J)
     pid = tl.program_id(0)
-    e = (pid // (n_f * n_d)).to(tl.int64)
-    f_F = (pid % (n_f * n_d)) // n_d * BLOCK_F + tl.arange(0, BLOCK_F)  # over [0, 2F)
-    d_D = (pid % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
-    start = tl.load(expert_start_ptr + e)
+    e = (pid // (n_i * n_j)).to(tl.int64)
+    i_I = (pid % (n_i * n_j)) // n_j * BLOCK_I + tl.arange(0, BLOCK_I)
+    j_J = (pid % n_j) * BLOCK_J + tl.arange(0, BLOCK_J)
+    start = tl.load(expert_start_ptr + e).to(tl.int64)
     count = tl.load(expert_count_ptr + e)
-    acc_FD = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-    for a0 in range(0, count, BLOCK_A):
-        j_A = a0 + tl.arange(0, BLOCK_A)
-        valid_A = j_A < count
-        p_A = (start + j_A).to(tl.int64)
-        row_A = tl.load(row_ptr + p_A, mask=valid_A, other=0).to(tl.int64)
-        x_AD = tl.load(x_ptr + (row_A // K)[:, None] * D + d_D[None, :],
-                       mask=valid_A[:, None] & (d_D[None, :] < D), other=0.0)
-        dgu_AF = tl.load(dgu_ptr + p_A[:, None] * (2 * F) + f_F[None, :],
-                         mask=valid_A[:, None] & (f_F[None, :] < 2 * F), other=0.0)
-        acc_FD = tl.dot(tl.trans(dgu_AF), x_AD, acc_FD, input_precision=PRECISION)
-    is_g_F = f_F < F
-    out_F = tl.where(is_g_F, dwg_ptr + e * F * D + f_F * D, dwu_ptr + e * F * D + (f_F - F) * D)
-    tl.store(out_F[:, None] + d_D[None, :], acc_FD.to(dwg_ptr.dtype.element_ty),
-             mask=(f_F[:, None] < 2 * F) & (d_D[None, :] < D))
+    r_A = tl.arange(0, BLOCK_A)
+    a_ptrs_AI = a_ptr + (start + r_A)[:, None] * DI + i_I[None, :]
+    b_ptrs_AJ = b_ptr + (start + r_A)[:, None] * DJ + j_J[None, :]
+    acc_IJ = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    for _ in range(0, count, BLOCK_A):
+        a_AI = tl.load(a_ptrs_AI, mask=i_I[None, :] < DI, other=0.0)
+        b_AJ = tl.load(b_ptrs_AJ, mask=j_J[None, :] < DJ, other=0.0)
+        acc_IJ = tl.dot(tl.trans(a_AI), b_AJ, acc_IJ, input_precision=PRECISION)
+        a_ptrs_AI += BLOCK_A * DI
+        b_ptrs_AJ += BLOCK_A * DJ
+    lo_I = i_I < DI_LO
+    out_I = tl.where(lo_I, c_lo_ptr + (e * DI_LO + i_I) * DJ, c_hi_ptr + (e * (DI - DI_LO) + i_I - DI_LO) * DJ)
+    tl.store(out_I[:, None] + j_J[None, :], acc_IJ.to(c_lo_ptr.dtype.element_ty),
+             mask=(i_I[:, None] < DI) & (j_J[None, :] < DJ))
 
 
 @triton.jit
@@ -321,10 +333,11 @@ class MoETiles:
     group_m: int  # row blocks scheduled together over all column tiles (L2 reuse of rows and weights)
     gate_up: Tile  # x @ [Wg, Wu]ᵀ + SwiGLU, over F
     down: Tile  # h @ Wdᵀ, over D
-    hidden_grad: Tile  # dout @ Wd + SwiGLU backward, over F
+    hidden_grad: Tile  # z = dout @ Wd, over F
     input_grad: Tile  # [dg, du] @ [Wg; Wu], over D
-    down_wgrad: Tile  # dWd [D, F] per expert (m over D, n over F, k over rows)
-    gate_up_wgrad: Tile  # [dWg; dWu] [2F, D] per expert (m over 2F, n over D, k over rows)
+    down_wgrad: Tile  # dWd [D, F] per expert (m over D, n over F, k over rows: must divide block_m)
+    gate_up_wgrad: Tile  # [dWg; dWu] [2F, D] per expert (m over 2F, n over D, k over rows: divides block_m)
+    swiglu_bwd: Tile  # elementwise SwiGLU backward (m rows per program: divides block_m; n columns per step)
 
     def fit(self, D: int, F: int) -> MoETiles:
         """Narrow the column tiles to small dimensions (power-of-two tiles, at least 16)."""
@@ -334,7 +347,16 @@ class MoETiles:
 
         return replace(self, gate_up=clamp(self.gate_up, None, F), down=clamp(self.down, None, D),
                        hidden_grad=clamp(self.hidden_grad, None, F), input_grad=clamp(self.input_grad, None, D),
-                       down_wgrad=clamp(self.down_wgrad, D, F), gate_up_wgrad=clamp(self.gate_up_wgrad, 2 * F, D))
+                       down_wgrad=clamp(self.down_wgrad, D, F), gate_up_wgrad=clamp(self.gate_up_wgrad, 2 * F, D),
+                       swiglu_bwd=clamp(self.swiglu_bwd, None, F))
+
+    def __post_init__(self):
+        for name in ("down_wgrad", "gate_up_wgrad"):
+            if self.block_m % getattr(self, name).k:
+                raise ValueError(f"MoETiles.{name}.k must divide block_m={self.block_m} (the last reduction step "
+                                 "may only run into the expert's own zero padding rows)")
+        if self.block_m % self.swiglu_bwd.m:
+            raise ValueError(f"MoETiles.swiglu_bwd.m must divide block_m={self.block_m}")
 
 
 def default_tiles(D: int, F: int, dtype: torch.dtype) -> MoETiles:
@@ -342,10 +364,10 @@ def default_tiles(D: int, F: int, dtype: torch.dtype) -> MoETiles:
     V2-Lite shapes (benchmarks/README.md, Kernels); fp32 keeps small tiles (4-byte operands)."""
     if interpreting():  # one program at a time: the biggest tiles that stay cheap in numpy
         t = Tile(32, 128, 128, 4, 1)
-        tiles = MoETiles(32, 8, t, t, t, t, Tile(128, 128, 64, 4, 1), Tile(128, 128, 64, 4, 1))
+        tiles = MoETiles(32, 8, t, t, t, t, Tile(128, 128, 32, 4, 1), Tile(128, 128, 32, 4, 1), Tile(32, 128, 0, 4, 1))
     elif dtype == torch.float32:
         t = Tile(64, 64, 32, 4, 2)
-        tiles = MoETiles(64, 8, t, t, t, t, Tile(64, 64, 32, 4, 2), Tile(64, 64, 32, 4, 2))
+        tiles = MoETiles(64, 8, t, t, t, t, Tile(64, 64, 32, 4, 2), Tile(64, 64, 32, 4, 2), Tile(16, 64, 0, 4, 1))
     else:
         tiles = _TUNED_16BIT
     return tiles.fit(D, F)
@@ -353,30 +375,52 @@ def default_tiles(D: int, F: int, dtype: torch.dtype) -> MoETiles:
 
 _TUNED_16BIT = MoETiles(
     block_m=128, group_m=8,
-    gate_up=Tile(128, 128, 64, 8, 4), down=Tile(128, 128, 64, 8, 4),
-    hidden_grad=Tile(128, 64, 64, 8, 4), input_grad=Tile(128, 128, 64, 8, 3),
-    down_wgrad=Tile(128, 128, 32, 8, 5), gate_up_wgrad=Tile(128, 128, 32, 8, 5))
+    gate_up=Tile(128, 128, 64, 8, 4), down=Tile(128, 256, 64, 8, 4),
+    hidden_grad=Tile(128, 256, 64, 8, 4), input_grad=Tile(128, 256, 32, 8, 3),
+    down_wgrad=Tile(256, 128, 32, 16, 5), gate_up_wgrad=Tile(128, 256, 32, 8, 5),
+    swiglu_bwd=Tile(8, 256, 0, 4, 1))
 
 
 @triton.jit
-def _moe_route_count_kernel(expert_ptr, keep_ptr, count_ptr, pad_start_ptr, block_expert_ptr, A, E, n_mb,
-                            HAS_KEEP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_MB: tl.constexpr):
-    """One program: per-expert counts (dropped assignments go to bin E), each expert's first padded row,
-    and the expert of every row block (−1 past the last expert's run)."""
-    counts_E = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for a0 in range(0, A, BLOCK_A):
-        a_A = a0 + tl.arange(0, BLOCK_A)
-        e_A = tl.load(expert_ptr + a_A, mask=a_A < A, other=E).to(tl.int32)
-        if HAS_KEEP:
-            e_A = tl.where(tl.load(keep_ptr + a_A, mask=a_A < A, other=0) != 0, e_A, E)
-        counts_E += tl.histogram(e_A, BLOCK_E)
+def _moe_route_hist_kernel(expert_ptr, keep_ptr, hist_ptr, A, E, HAS_KEEP: tl.constexpr,
+                           CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program c: hist[c, e] = number of kept assignments of chunk c (CHUNK consecutive assignments) routed
+    to expert e."""
+    c = tl.program_id(0)
+    a_A = c * CHUNK + tl.arange(0, CHUNK)
+    e_A = tl.load(expert_ptr + a_A, mask=a_A < A, other=E).to(tl.int32)
+    if HAS_KEEP:
+        e_A = tl.where(tl.load(keep_ptr + a_A, mask=a_A < A, other=0) != 0, e_A, E)
     e_E = tl.arange(0, BLOCK_E)
-    counts_E = tl.where(e_E < E, counts_E, 0)
+    tl.store(hist_ptr + c * E + e_E, tl.histogram(e_A, BLOCK_E), mask=e_E < E)
+
+
+@triton.jit
+def _moe_route_offsets_kernel(hist_ptr, chunk_base_ptr, count_ptr, pad_start_ptr, block_expert_ptr, n_chunks, E, n_mb,
+                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_MB: tl.constexpr):
+    """One program: per-expert counts, each expert's first padded row, the first row of each (chunk, expert)
+    (chunk_base = pad_start[e] + rows of e in earlier chunks: a stable sort by expert) and the expert of
+    every row block (−1 past the last expert's run)."""
+    e_E = tl.arange(0, BLOCK_E)
+    counts_E = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        c_C = c0 + tl.arange(0, BLOCK_C)
+        counts_E += tl.sum(tl.load(hist_ptr + c_C[:, None] * E + e_E[None, :],
+                                   mask=(c_C[:, None] < n_chunks) & (e_E[None, :] < E), other=0), axis=0)
     padded_E = (counts_E + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     pad_end_E = tl.cumsum(padded_E, 0)
+    pad_start_E = pad_end_E - padded_E
     tl.store(count_ptr + e_E, counts_E, mask=e_E < E)
-    tl.store(pad_start_ptr + e_E, pad_end_E - padded_E, mask=e_E < E)
+    tl.store(pad_start_ptr + e_E, pad_start_E, mask=e_E < E)
+    base_E = pad_start_E
+    for c0 in range(0, n_chunks, BLOCK_C):
+        c_C = c0 + tl.arange(0, BLOCK_C)
+        mask_CE = (c_C[:, None] < n_chunks) & (e_E[None, :] < E)
+        hist_CE = tl.load(hist_ptr + c_C[:, None] * E + e_E[None, :], mask=mask_CE, other=0)
+        incl_CE = tl.cumsum(hist_CE, 0)
+        tl.store(chunk_base_ptr + c_C[:, None] * E + e_E[None, :], base_E[None, :] + incl_CE - hist_CE, mask=mask_CE)
+        base_E += tl.sum(hist_CE, axis=0)
     for j0 in range(0, n_mb, BLOCK_MB):
         j_J = j0 + tl.arange(0, BLOCK_MB)
         # searchsorted(pad_end, j·BLOCK_M, right=True): the experts whose run ends at or before the block
@@ -386,37 +430,27 @@ def _moe_route_count_kernel(expert_ptr, keep_ptr, count_ptr, pad_start_ptr, bloc
 
 
 @triton.jit
-def _moe_route_scatter_kernel(expert_ptr, keep_ptr, count_ptr, pad_start_ptr, row_ptr, A, E, P,
-                              HAS_KEEP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program e < E: write the assignment index of each of expert e's rows in assignment order (a stable
-    sort by expert), then −1 over its padding. Program E: −1 over the rows past the last run."""
-    e = tl.program_id(0)
-    if e < E:
-        pad_start = tl.load(pad_start_ptr + e)
-        count = tl.load(count_ptr + e)
-        base = pad_start
-        for a0 in range(0, A, BLOCK_A):
-            a_A = a0 + tl.arange(0, BLOCK_A)
-            e_A = tl.load(expert_ptr + a_A, mask=a_A < A, other=-1).to(tl.int32)
-            if HAS_KEEP:
-                e_A = tl.where(tl.load(keep_ptr + a_A, mask=a_A < A, other=0) != 0, e_A, -1)
-            hit_A = (e_A == e).to(tl.int32)
-            tl.store(row_ptr + base + tl.cumsum(hit_A, 0) - 1, a_A, mask=hit_A != 0)
-            base += tl.sum(hit_A, axis=0)
-        r_M = count + tl.arange(0, BLOCK_M)
-        tl.store(row_ptr + pad_start + r_M, tl.full([BLOCK_M], -1, tl.int32),
-                 mask=r_M < (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-    else:
-        last_count = tl.load(count_ptr + E - 1)
-        total = tl.load(pad_start_ptr + E - 1) + (last_count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        for r0 in range(total, P, BLOCK_A):
-            r_A = r0 + tl.arange(0, BLOCK_A)
-            tl.store(row_ptr + r_A, tl.full([BLOCK_A], -1, tl.int32), mask=r_A < P)
+def _moe_route_scatter_kernel(expert_ptr, keep_ptr, chunk_base_ptr, row_ptr, A, E, HAS_KEEP: tl.constexpr,
+                              CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program c: row[chunk_base[c, e] + rank] = a for each kept assignment a of chunk c, rank = how many
+    earlier assignments of the chunk went to the same expert (one-hot prefix sums over SUB at a time)."""
+    c = tl.program_id(0)
+    e_E = tl.arange(0, BLOCK_E)
+    base_E = tl.load(chunk_base_ptr + c * E + e_E, mask=e_E < E, other=0)
+    for s0 in range(0, CHUNK, SUB):
+        a_S = c * CHUNK + s0 + tl.arange(0, SUB)
+        e_S = tl.load(expert_ptr + a_S, mask=a_S < A, other=E).to(tl.int32)
+        if HAS_KEEP:
+            e_S = tl.where(tl.load(keep_ptr + a_S, mask=a_S < A, other=0) != 0, e_S, E)
+        hit_SE = (e_S[:, None] == e_E[None, :]).to(tl.int32)
+        slot_S = tl.sum(hit_SE * (base_E[None, :] + tl.cumsum(hit_SE, 0) - 1), axis=1)
+        tl.store(row_ptr + slot_S, a_S, mask=e_S < E)
+        base_E += tl.sum(hit_SE, axis=0)
 
 
 def route_metadata(expert_ids_NK: torch.Tensor, keep_NK: torch.Tensor | None, num_experts: int, block_m: int):
-    """Sort assignments by expert, each expert's run padded to a multiple of block_m: two launches, no
-    host sync (`_moe_route_count_kernel`, `_moe_route_scatter_kernel`).
+    """Sort assignments by expert (stable), each expert's run padded to a multiple of block_m, without a
+    host sync: per-chunk histograms, one small program for the offsets, a parallel scatter.
 
     Returns row_P [P] int32 (assignment index n·K + k of each padded row, −1 for padding),
     block_expert_Mb [P/block_m] int32 (the expert of each row block, −1 for unused blocks),
@@ -430,17 +464,22 @@ def route_metadata(expert_ids_NK: torch.Tensor, keep_NK: torch.Tensor | None, nu
               else torch.ones(A, dtype=torch.int8, device=device))
     P = triton.cdiv(A + E * (block_m - 1), block_m) * block_m  # bound on Σ padded counts
     n_mb = P // block_m
-    row_P = torch.empty(P, dtype=torch.int32, device=device)
+    CHUNK = 1024
+    n_chunks = max(triton.cdiv(A, CHUNK), 1)
+    BLOCK_E = next_pow2(E + 1)  # + the bin of dropped assignments
+    row_P = torch.full((P,), -1, dtype=torch.int32, device=device)
     block_expert_Mb = torch.empty(n_mb, dtype=torch.int32, device=device)
     count_E = torch.empty(E, dtype=torch.int32, device=device)
     pad_start_E = torch.empty(E, dtype=torch.int32, device=device)
-    BLOCK_A = 1024 if interpreting() else 2048
-    _moe_route_count_kernel[(1,)](expert_A, keep_A, count_E, pad_start_E, block_expert_Mb, A, E, n_mb,
-                                  HAS_KEEP=keep_NK is not None, BLOCK_A=BLOCK_A, BLOCK_E=next_pow2(E + 1),
-                                  BLOCK_M=block_m, BLOCK_MB=64, num_warps=4)
-    _moe_route_scatter_kernel[(E + 1,)](expert_A, keep_A, count_E, pad_start_E, row_P, A, E, P,
-                                        HAS_KEEP=keep_NK is not None, BLOCK_A=BLOCK_A, BLOCK_M=block_m,
-                                        num_warps=4)
+    hist_CE = torch.empty(n_chunks, E, dtype=torch.int32, device=device)
+    chunk_base_CE = torch.empty(n_chunks, E, dtype=torch.int32, device=device)
+    has_keep = keep_NK is not None
+    _moe_route_hist_kernel[(n_chunks,)](expert_A, keep_A, hist_CE, A, E, HAS_KEEP=has_keep, CHUNK=CHUNK,
+                                        BLOCK_E=BLOCK_E, num_warps=4)
+    _moe_route_offsets_kernel[(1,)](hist_CE, chunk_base_CE, count_E, pad_start_E, block_expert_Mb, n_chunks, E, n_mb,
+                                    BLOCK_C=32, BLOCK_E=BLOCK_E, BLOCK_M=block_m, BLOCK_MB=64, num_warps=4)
+    _moe_route_scatter_kernel[(n_chunks,)](expert_A, keep_A, chunk_base_CE, row_P, A, E, HAS_KEEP=has_keep,
+                                           CHUNK=CHUNK, SUB=128, BLOCK_E=BLOCK_E, num_warps=4)
     return row_P, block_expert_Mb, pad_start_E, count_E, keep_A
 
 
@@ -512,6 +551,26 @@ def moe_experts_fwd(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, expert_ids_NK, weigh
     return out_ND, saved
 
 
+def _gather_rows(src_ND: torch.Tensor, row_P: torch.Tensor, block_expert_Mb: torch.Tensor, K: int,
+                 block_m: int) -> torch.Tensor:
+    """src rows in padded-row order [P, D], zeros on padding rows (rows of unused blocks left unwritten)."""
+    D = src_ND.shape[1]
+    dst_PD = torch.empty(row_P.numel(), D, dtype=src_ND.dtype, device=src_ND.device)
+    BLOCK_D = min(next_pow2(D), 256 if not interpreting() else 1024)
+    if dst_PD.numel():
+        _moe_gather_rows_kernel[(block_expert_Mb.numel(), triton.cdiv(D, BLOCK_D))](
+            src_ND, row_P, block_expert_Mb, dst_PD, D, K, BLOCK_M=block_m, BLOCK_D=BLOCK_D, num_warps=8)
+    return dst_PD
+
+
+def _weight_grad(tile: Tile, a_PI, b_PJ, pad_start_E, count_E, c_lo, c_hi, I_lo: int, prec: str):
+    E = count_E.numel()
+    DI, DJ = a_PI.shape[1], b_PJ.shape[1]
+    _launch(_moe_weight_grad_kernel, tile, E * triton.cdiv(DI, tile.m) * triton.cdiv(DJ, tile.n),
+            a_PI, b_PJ, pad_start_E, count_E, c_lo, c_hi, DI, DJ, I_lo, PRECISION=prec,
+            BLOCK_I=tile.m, BLOCK_J=tile.n, BLOCK_A=tile.k)
+
+
 def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, tiles: MoETiles | None = None):
     """Host backward: (dx [N, D], dWg, dWu, dWd, dweights_A [A] fp32). `tiles` must be the forward's."""
     row_P, block_expert_Mb, pad_start_E, count_E, keep_A, weights_A, gu_P2F = saved
@@ -524,40 +583,34 @@ def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, t
     dout_ND = dout_ND.contiguous()
     w_gate_EFD, w_up_EFD, w_down_EDF = w_gate_EFD.contiguous(), w_up_EFD.contiguous(), w_down_EDF.contiguous()
     n_mb = P // BM
-    grid_f = triton.cdiv(F, tiles.hidden_grad.n)
+    dtype, device = x_ND.dtype, x_ND.device
+    # x and dout in padded-row order: the weight-gradient GEMMs then stream contiguous row runs.
+    x_PD = _gather_rows(x_ND, row_P, block_expert_Mb, K, BM)
+    dout_PD = _gather_rows(dout_ND, row_P, block_expert_Mb, K, BM)
+    z_PF = torch.empty(P, F, dtype=dtype, device=device)
     dgu_P2F = torch.empty_like(gu_P2F)
-    hw_PF = torch.empty(P, F, dtype=x_ND.dtype, device=x_ND.device)
-    dw_part_PB = torch.zeros(P, grid_f, dtype=torch.float32, device=x_ND.device)
+    hw_PF = torch.empty(P, F, dtype=dtype, device=device)
+    dweights_A = torch.zeros(N * K, dtype=torch.float32, device=device)
     dwg_EFD, dwu_EFD = torch.empty_like(w_gate_EFD), torch.empty_like(w_up_EFD)
     dwd_EDF = torch.empty_like(w_down_EDF)
-    dxa_AD = torch.empty(N * K, D, dtype=x_ND.dtype, device=x_ND.device)
+    dxa_AD = torch.empty(N * K, D, dtype=dtype, device=device)
     if n_mb and N:
         t = tiles.hidden_grad
-        _launch(_moe_hidden_grad_kernel, t, n_mb * grid_f,
-                dout_ND, w_down_EDF, gu_P2F, weights_A, row_P, block_expert_Mb, dgu_P2F, hw_PF, dw_part_PB,
-                n_mb, D, F, K, PRECISION=prec, EVEN_K=D % t.k == 0, BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k,
-                GROUP_M=GM)
-    else:
-        hw_PF.zero_()
-        dgu_P2F.zero_()
-    t = tiles.down_wgrad
-    _launch(_moe_down_weight_grad_kernel, t, E * triton.cdiv(D, t.m) * triton.cdiv(F, t.n),
-            dout_ND, hw_PF, row_P, pad_start_E, count_E, dwd_EDF, D, F, K, PRECISION=prec,
-            BLOCK_D=t.m, BLOCK_F=t.n, BLOCK_A=t.k)
-    t = tiles.gate_up_wgrad
-    _launch(_moe_gate_up_weight_grad_kernel, t, E * triton.cdiv(2 * F, t.m) * triton.cdiv(D, t.n),
-            x_ND, dgu_P2F, row_P, pad_start_E, count_E, dwg_EFD, dwu_EFD, D, F, K, PRECISION=prec,
-            BLOCK_F=t.m, BLOCK_D=t.n, BLOCK_A=t.k)
+        _launch(_moe_hidden_grad_kernel, t, n_mb * triton.cdiv(F, t.n),
+                dout_PD, w_down_EDF, block_expert_Mb, z_PF, n_mb, D, F, PRECISION=prec, EVEN_K=D % t.k == 0,
+                BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
+        t = tiles.swiglu_bwd
+        _launch(_moe_swiglu_bwd_kernel, t, P // t.m, z_PF, gu_P2F, weights_A, row_P, block_expert_Mb, dgu_P2F, hw_PF,
+                dweights_A, F, BLOCK_M=BM, BLOCK_R=t.m, BLOCK_F=t.n)
+    _weight_grad(tiles.down_wgrad, dout_PD, hw_PF, pad_start_E, count_E, dwd_EDF, dwd_EDF, D, prec)
+    _weight_grad(tiles.gate_up_wgrad, dgu_P2F, x_PD, pad_start_E, count_E, dwg_EFD, dwu_EFD, F, prec)
     if n_mb and N:
         t = tiles.input_grad
         _launch(_moe_input_grad_kernel, t, n_mb * triton.cdiv(D, t.n),
                 dgu_P2F, w_gate_EFD, w_up_EFD, row_P, block_expert_Mb, dxa_AD, n_mb, D, F, PRECISION=prec,
                 EVEN_K=F % t.k == 0, BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
     dx_ND = _combine(dxa_AD, None, keep_A, N, K, x_ND.dtype)
-    # Gate-weight gradient: sum the per-F-block partials, then scatter padded rows back to assignments.
-    dweights_A = torch.zeros(N * K + 1, dtype=torch.float32, device=x_ND.device)
-    dweights_A[torch.where(row_P >= 0, row_P.long(), N * K)] = dw_part_PB.sum(1)
-    return dx_ND, dwg_EFD, dwu_EFD, dwd_EDF, dweights_A[: N * K]
+    return dx_ND, dwg_EFD, dwu_EFD, dwd_EDF, dweights_A
 
 
 class MoEExpertsFunction(torch.autograd.Function):
