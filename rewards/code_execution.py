@@ -5,7 +5,9 @@ The program is the completion's last ```python fenced block (a bare ``` block wh
 sample runs in its own jail (`rewards.sandbox`), up to `max_workers` at once; the threads here only
 wait on those child processes. A completion with no code block scores 0.0; a row with no tests
 scores None (the reward does not apply). A program that crashes, times out or breaks a limit keeps
-the tests it passed before that.
+the tests it passed before that. Samples of one group often repeat a program word for word: within a
+batch each distinct (program, tests) pair runs once and its result is shared (`dedupe=False` runs every
+sample, for programs whose outcome is meant to vary between runs).
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ class CodeExecution:
         output_cap_bytes: int = 1 << 20,
         max_processes: int = 16,
         base_dir: str | None = None,
+        dedupe: bool = True,
     ) -> None:
-        """`max_workers`: sandboxes run at once; the rest are the `SandboxConfig` fields of each run."""
+        """`max_workers`: sandboxes run at once; `dedupe`: run each distinct (program, tests) pair of a
+        batch once; the rest are the `SandboxConfig` fields of each run."""
         self.max_workers = max_workers
+        self.dedupe = dedupe
         self.sandbox = replace(
             SandboxConfig(), wall_timeout_s=wall_timeout_s, cpu_time_s=cpu_time_s, memory_mb=memory_mb,
             output_cap_bytes=output_cap_bytes, max_processes=max_processes, base_dir=base_dir,
@@ -54,18 +59,33 @@ class CodeExecution:
         self.last_results: list[SandboxResult | None] = []
         """The sandbox runs behind the latest batch's scores (None where nothing ran), for logging."""
 
-    def _run(self, completion: str, tests: Sequence[str] | None) -> SandboxResult | None:
-        if not tests:
-            return None
-        program = extract_program(completion)
-        if program is None:
-            return SandboxResult(0, len(tests), "no_program", None, "", 0.0, -1)
+    def _run(self, job: tuple[str, tuple[str, ...]]) -> SandboxResult:
+        program, tests = job
         return run_in_sandbox(program, list(tests), self.sandbox)
 
     def __call__(self, prompts: Sequence, completions: Sequence[str], tests: Sequence[Sequence[str] | None]) -> list[float | None]:
         if len(tests) != len(completions):
             raise ValueError(f"{len(tests)} test lists for {len(completions)} completions")
+        results: list[SandboxResult | None] = [None] * len(completions)
+        jobs: list[tuple[str, tuple[str, ...]]] = []  # what runs in the sandbox, in order
+        job_of_sample: dict[int, int] = {}
+        job_index: dict[tuple[str, tuple[str, ...]], int] = {}
+        for i, (completion, sample_tests) in enumerate(zip(completions, tests)):
+            if not sample_tests:
+                continue
+            program = extract_program(completion)
+            if program is None:
+                results[i] = SandboxResult(0, len(sample_tests), "no_program", None, "", 0.0, -1)
+                continue
+            job = (program, tuple(sample_tests))
+            if self.dedupe and job in job_index:
+                job_of_sample[i] = job_index[job]
+                continue
+            job_index[job] = job_of_sample[i] = len(jobs)
+            jobs.append(job)
         with ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="sandbox") as pool:
-            results = list(pool.map(self._run, completions, tests))
+            ran = list(pool.map(self._run, jobs))
+        for i, j in job_of_sample.items():
+            results[i] = ran[j]
         self.last_results = results
         return [None if result is None else result.pass_rate for result in results]

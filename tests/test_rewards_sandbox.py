@@ -150,16 +150,30 @@ def test_printing_gigabytes_stops_at_the_output_cap(config):
 
 
 def test_code_reward_runs_sandboxes_concurrently_and_scores_hostile_code_zero(config):
-    sleeper = "```python\nimport time\ntime.sleep(1)\ndef f():\n    return 1\n```"
+    # Four distinct programs: identical ones would run once (dedupe).
+    sleepers = [f"```python\nimport time\ntime.sleep(1)\ndef f():\n    return 1  # {i}\n```" for i in range(4)]
     bomb = "```python\nimport os\nwhile True:\n    os.fork()\n```"
     tests = ["assert f() == 1"]
     code = get_reward("code", max_workers=4, wall_timeout_s=WALL_TIMEOUT_S, base_dir=config.base_dir)
     started = time.monotonic()
-    scores = call_reward(code, ["p"] * 5, [sleeper] * 4 + [bomb], tests=[tests] * 5)
+    scores = call_reward(code, ["p"] * 5, sleepers + [bomb], tests=[tests] * 5)
     elapsed = time.monotonic() - started
     assert scores == [1.0, 1.0, 1.0, 1.0, 0.0]
     assert elapsed < 3.0  # four 1 s sleeps overlapped: one after another they would take over 4 s
     assert all(processes_of(r.uid) == [] for r in code.last_results)
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_identical_programs_of_a_batch_run_once_unless_dedupe_is_off(config, dedupe):
+    program = "```python\ndef f():\n    return 1\n```"
+    other = "```python\ndef f():\n    return 2\n```"
+    code = get_reward("code", base_dir=config.base_dir, dedupe=dedupe)
+    tests = [["assert f() == 1"], ["assert f() == 1"], ["assert f() == 1"], ["assert f() == 2"]]
+    scores = call_reward(code, ["p"] * 4, [program, program, other, program], tests=tests)
+    assert scores == [1.0, 1.0, 0.0, 0.0]  # the last sample has other tests: its own run
+    runs = code.last_results
+    assert (runs[0] is runs[1]) == dedupe
+    assert len({id(r) for r in runs}) == (3 if dedupe else 4)
 
 
 def test_a_jail_that_cannot_be_built_is_an_error_not_a_score(config):
