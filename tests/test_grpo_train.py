@@ -393,7 +393,7 @@ def tiny_checkpoint(tasks_dir, tmp_path_factory):
     return out
 
 
-def _run_in_process(checkpoint, tasks_dir, out, **grpo):
+def _run_in_process(checkpoint, tasks_dir, out, model=None, **grpo):
     """run_grpo in this process on `checkpoint` with the parity reward (varied rewards from an untrained model)."""
     from alignment.data import DataConfig
     from alignment.grpo import GRPOConfig
@@ -409,7 +409,7 @@ def _run_in_process(checkpoint, tasks_dir, out, **grpo):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_grpo(ModelConfig(name_or_path=str(checkpoint)),
+        return run_grpo(model or ModelConfig(name_or_path=str(checkpoint)),
                         DataConfig(train_files=[str(tasks_dir / "math_grpo" / "train.jsonl")]),
                         RolloutConfig(backend="native", max_model_len=256),
                         RewardPipelineConfig.from_dict({"rewards": [{"name": "parity",
@@ -417,6 +417,22 @@ def _run_in_process(checkpoint, tasks_dir, out, **grpo):
                         GRPOConfig(**cfg), out)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_lora_policy_saves_a_merged_checkpoint_the_next_stage_loads(tiny_checkpoint, tasks_dir, tmp_path):
+    """LoRA GRPO's final model is the merged policy in plain HF layout (what stage 2 starts from)."""
+    from alignment.sft import LoraSettings, ModelConfig
+    from model import DeepseekV2ForCausalLM
+
+    result = _run_in_process(tiny_checkpoint, tasks_dir, tmp_path / "run", reference="disable_adapter",
+                             model=ModelConfig(name_or_path=str(tiny_checkpoint), lora=LoraSettings(r=4)))
+    final = DeepseekV2ForCausalLM.from_pretrained(result.final_model_dir).state_dict()  # strict key check
+    start = DeepseekV2ForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
+    assert final.keys() == start.keys()
+    moved = {name for name in start if not torch.equal(final[name], start[name])}
+    targets = set(LoraSettings().target_modules)
+    assert moved and all(name.split(".")[-2] in targets for name in moved), sorted(moved)[:5]
+    assert torch.equal(final["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("stage", [2, 3])

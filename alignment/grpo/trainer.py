@@ -563,11 +563,10 @@ class GRPOTrainer:
             if self.is_peft and state is not None:
                 model, state = zero.rebuilt_peft(model, state).merge_and_unload(), None
             elif self.is_peft:
-                from rollout import policy_state_dict
-
-                base = copy.deepcopy(model.get_base_model())
-                base.load_state_dict(policy_state_dict(model), strict=False)
-                model = base
+                # Merge a copy: the live policy keeps its adapters. (Loading the merged weights into a copy
+                # of get_base_model() does not work: peft wraps the base model's layers in place, so their
+                # keys are `base_layer.weight` and a non-strict load skipped them all.)
+                model = copy.deepcopy(model).merge_and_unload()
             model.save_pretrained(final, state_dict=state)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(final)
