@@ -194,6 +194,28 @@ def test_moe_experts(dtype, N, D, F, E, K, drop):
     compare(_moe_kernel, _moe_reference, inputs, f"moe{(N, D, F, E, K, drop)}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("drop,few_rows_tiles", [(None, True), (0.1, True), (None, False)])
+def test_moe_experts_benchmark_shape(drop, few_rows_tiles, monkeypatch):
+    """bf16 at the benchmark's V2-Lite shape (N=4096, E=64, K=6, D=2048, F=1408): full-size tiles and several
+    row blocks per expert, which the small shapes above never reach; with the tile set chosen for few rows per
+    expert (the default at this N) and with the one for many rows (forced)."""
+    import model.kernels.moe as moe_mod
+
+    if not few_rows_tiles:
+        monkeypatch.setattr(moe_mod, "_FEW_ROWS", 0)
+    inputs = _moe_inputs(4096, 2048, 1408, 64, 6, torch.bfloat16, drop)
+    compare(_moe_kernel, _moe_reference, inputs, f"moe V2-Lite N=4096 drop={drop} few_rows_tiles={few_rows_tiles}")
+
+
+def test_moe_rejects_unaligned_rows():
+    """TMA descriptors need 16-byte row strides: F = 20 (40 bytes in fp16) is refused with a message."""
+    inputs = _moe_inputs(3, 32, 20, 4, 2, torch.float16, None)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _moe_kernel(**inputs)
+
+
 def test_moe_everything_dropped_and_nonfinite():
     """All assignments dropped: zero output, zero gradients. A nan token stays confined to its row."""
     inputs = _moe_inputs(5, 32, 16, 4, 2, torch.float32, drop=1.0)
