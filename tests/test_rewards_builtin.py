@@ -38,6 +38,25 @@ def test_math_without_gold_answer_is_not_applicable():
     assert score("math", [r"\boxed{1}", r"\boxed{1}"], answer=[None, "  "]) == [None, None]
 
 
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        (r"9 - 4 = 5. 5 - 3 = 2. The answer is \boxed{2}.", 1.0),
+        (r"5 - 2 = 2. The answer is \boxed{2}.", 0.0),  # right answer, wrong equation
+        (r"9 - 4 = 5. 5 - 3 = 1. So \boxed{2}.", 0.0),  # one of two equations wrong
+        (r"3 × 4 = 12, 12 - 10 = 2: \boxed{2}", 1.0),
+        (r"3 x 4 = 13, so \boxed{2}", 0.0),
+        (r"0.5 + 1.5 = 2 and -1 + 3 = 2, \boxed{2}", 1.0),  # decimals are not read as 5 + 1 = 2
+        (r"No work shown: \boxed{2}", 1.0),
+        (r"2 + 2 = 4. The answer is \boxed{4}.", 0.0),  # true equations, wrong answer
+    ],
+)
+def test_math_check_equations_also_requires_the_work_shown_to_hold(completion, expected):
+    assert score("math", [completion], answer=["2"], check_equations=True) == [expected]
+    # Without the check only the final answer counts.
+    assert score("math", [completion], answer=["2"]) == [float("boxed{2}" in completion)]
+
+
 def test_math_unparseable_gold_is_an_error_not_a_silent_zero():
     with pytest.raises(ValueError, match="gold answer"):
         score("math", [r"\boxed{1}"], answer=["}}}{{{"])
