@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from model.typed_config import from_mapping
-from rewards.registry import RewardFn, call_reward, get_reward
+from rewards.registry import RewardFn, call_reward, get_reward, required_columns
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,15 @@ class RewardPipeline:
         }
         self._running = {spec.name: _RunningMoments() for spec in config.rewards}
         self.failures_total = {spec.name: 0 for spec in config.rewards}
+
+    def check_columns(self, available: Sequence[str], source: str = "the dataset") -> None:
+        """Raise before any work if a reward needs a column that `source` does not have at all (a column
+        null on some rows is fine: the reward scores those rows None)."""
+        for name, fn in self.rewards.items():
+            missing = [column for column in required_columns(fn) if column not in available]
+            if missing:
+                raise ValueError(f"reward {name!r} needs column(s) {missing} that {source} does not have "
+                                 f"(its columns besides the prompt: {sorted(available) or 'none'})")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> RewardPipeline:

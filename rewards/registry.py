@@ -139,6 +139,21 @@ def _accepted_columns(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in columns.items() if key in parameters}
 
 
+def required_columns(fn: RewardFn) -> list[str]:
+    """The dataset columns `fn` cannot be called without: its parameters after (prompts, completions)
+    that have no default and are not bound by a functools.partial."""
+    bound = set(fn.keywords) if isinstance(fn, functools.partial) else set()
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        target = type(target).__call__
+    parameters = list(inspect.signature(target).parameters.values())
+    if parameters and parameters[0].name == "self":  # the class's __call__, looked up unbound
+        parameters = parameters[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters[2:]
+            if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in bound]
+
+
 def _is_async(fn: RewardFn) -> bool:
     target = fn.func if isinstance(fn, functools.partial) else fn
     if inspect.isfunction(target) or inspect.ismethod(target):

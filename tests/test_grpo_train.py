@@ -482,3 +482,9 @@ def test_zero_step_matches_the_plain_path_and_resumes(stage, tiny_checkpoint, ta
     assert not any(hasattr(p, "ds_id") for p in ours.parameters())
     for name, tensor in to_hf_state_dict(ours.state_dict()).items():
         assert torch.equal(tensor, zero_final[name]), name
+
+
+def test_a_reward_column_missing_from_the_prompts_fails_before_any_rollout(tasks_dir, tmp_path):
+    # math_grpo rows have `answer` but no `tests`: the code reward could only ever fail, batch after batch.
+    with pytest.raises(ValueError, match=r"reward 'code' needs column\(s\) \['tests'\] that the prompt dataset"):
+        _tiny_trainer(tmp_path, tasks_dir, {"name": "code"})

@@ -213,3 +213,21 @@ def test_stage1_with_builtin_math_code_format():
     out = pipeline(["2+2?", "3/4 as decimal?"], [r"It is \boxed{4}", "0.7"], answer=["4", "3/4"])
     assert out.components == {"math": [1.0, 0.0], "format": [1.0, 0.0]}
     assert out.totals == pytest.approx([1.1, 0.0])
+
+
+def answer_and_hint(prompts, completions, answer, hint, scale=1.0):
+    return [scale * float(c == a) for c, a in zip(completions, answer)]
+
+
+def test_a_column_no_dataset_row_has_is_an_error_naming_reward_and_column():
+    pipe = RewardPipeline.from_dict({"rewards": [{"name": "math"}, {"name": "code"}]})
+    pipe.check_columns(["answer", "tests"])  # null on some rows is fine: those rows score None
+    with pytest.raises(ValueError, match=r"reward 'code' needs column\(s\) \['tests'\] that prompts.jsonl"):
+        pipe.check_columns(["answer"], "prompts.jsonl")
+    # A user reward's required parameters count; ones with a default or bound by kwargs do not.
+    user = RewardPipeline.from_dict({"rewards": [
+        {"name": "mine", "reward": f"{__name__}:answer_and_hint", "kwargs": {"hint": "h"}}]})
+    user.check_columns(["answer"])
+    unbound = RewardPipeline.from_dict({"rewards": [{"name": "mine", "reward": f"{__name__}:answer_and_hint"}]})
+    with pytest.raises(ValueError, match=r"reward 'mine' needs column\(s\) \['hint'\]"):
+        unbound.check_columns(["answer"])

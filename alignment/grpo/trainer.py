@@ -112,6 +112,8 @@ class GRPOTrainer:
         self.dataset = train_dataset
         self.reward_columns = (list(reward_columns) if reward_columns is not None
                                else [c for c in train_dataset.column_names if c != "prompt"])
+        if reward_pipeline is not None:
+            reward_pipeline.check_columns(self.reward_columns, "the prompt dataset")
         world = self.accelerator.num_processes
         if config.prompts_per_step % world:
             raise ValueError(f"grpo.prompts_per_step={config.prompts_per_step} must divide evenly over {world} processes")
