@@ -129,10 +129,17 @@ def get_reward(name: str, **kwargs: Any) -> RewardFn:
     return obj
 
 
-def _accepted_columns(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:
+def _call_target(fn: RewardFn) -> Callable:
+    """What actually runs when `fn` is called: the function under a partial, a class's __call__
+    (unbound, so its first parameter is self) for a reward instance."""
     target = fn.func if isinstance(fn, functools.partial) else fn
     if not inspect.isfunction(target) and not inspect.ismethod(target):
         target = type(target).__call__
+    return target
+
+
+def _accepted_columns(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:
+    target = _call_target(fn)
     parameters = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return columns
@@ -143,10 +150,7 @@ def required_columns(fn: RewardFn) -> list[str]:
     """The dataset columns `fn` cannot be called without: its parameters after (prompts, completions)
     that have no default and are not bound by a functools.partial."""
     bound = set(fn.keywords) if isinstance(fn, functools.partial) else set()
-    target = fn.func if isinstance(fn, functools.partial) else fn
-    if not inspect.isfunction(target) and not inspect.ismethod(target):
-        target = type(target).__call__
-    parameters = list(inspect.signature(target).parameters.values())
+    parameters = list(inspect.signature(_call_target(fn)).parameters.values())
     if parameters and parameters[0].name == "self":  # the class's __call__, looked up unbound
         parameters = parameters[1:]
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -155,10 +159,7 @@ def required_columns(fn: RewardFn) -> list[str]:
 
 
 def _is_async(fn: RewardFn) -> bool:
-    target = fn.func if isinstance(fn, functools.partial) else fn
-    if inspect.isfunction(target) or inspect.ismethod(target):
-        return inspect.iscoroutinefunction(target)
-    return inspect.iscoroutinefunction(type(target).__call__)  # a reward class's instance
+    return inspect.iscoroutinefunction(_call_target(fn))
 
 
 def call_reward(fn: RewardFn, prompts: Sequence, completions: Sequence[str], **columns: Any) -> list[float | None]:
