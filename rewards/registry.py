@@ -148,14 +148,11 @@ def _accepted_columns(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:
 
 def required_columns(fn: RewardFn) -> list[str]:
     """The dataset columns `fn` cannot be called without: its parameters after (prompts, completions)
-    that have no default and are not bound by a functools.partial."""
-    bound = set(fn.keywords) if isinstance(fn, functools.partial) else set()
-    parameters = list(inspect.signature(_call_target(fn)).parameters.values())
-    if parameters and parameters[0].name == "self":  # the class's __call__, looked up unbound
-        parameters = parameters[1:]
+    that have no default. The signature of the callable itself: a reward instance's bound __call__, and
+    a partial's kwargs as defaults (not followed through get_reward's __wrapped__ to the bare function)."""
+    parameters = list(inspect.signature(fn, follow_wrapped=False).parameters.values())[2:]
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in parameters[2:]
-            if p.kind in kinds and p.default is inspect.Parameter.empty and p.name not in bound]
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
 def _is_async(fn: RewardFn) -> bool:
