@@ -122,6 +122,37 @@ def test_math_sft_solutions_are_correct(built):
             assert int(match.group(2)) == written[-1][3] == answer
 
 
+def test_sloppy_demonstrations_misread_take_aways_only_in_sft_train(built, tmp_path):
+    sloppy = tmp_path / "sloppy"
+    build_task_files(BuildConfig(out_dir=str(sloppy), seed=0, sizes=SMALL, tokenizer=False, math_sft_slip_rate=0.5))
+    misread = take_aways = 0
+    for row in _rows(sloppy, "math_sft", "train"):
+        user, assistant = row["messages"]
+        match = SOLUTION.match(assistant["content"])
+        assert match, assistant["content"]
+        _, story_steps = solve_story(user["content"])
+        written = [(int(a), op, int(b), int(c)) for a, op, b, c in STEP.findall(match.group(1))]
+        value = written[0][0]
+        for (a, op, b, c), (_, story_op, story_b) in zip(written, story_steps, strict=True):
+            # Every written equation holds and continues the chain; only a take-away may turn into '+'.
+            assert c == {"+": a + b, "-": a - b, "*": a * b}[op], row
+            assert b == story_b and (op == story_op or (story_op, op) == ("-", "+")), row
+            assert story_op == "*" or a == value, row
+            value = c
+            take_aways += story_op == "-"
+            misread += (story_op, op) == ("-", "+")
+        assert int(match.group(2)) == value
+    assert take_aways > 100 and 0.4 < misread / take_aways < 0.6
+    # Everything a reward or an evaluation reads stays correct and unchanged.
+    for name, split in [("math_grpo", "train"), ("math_grpo", "test"), ("math_sft", "test"), ("code", "train")]:
+        assert (sloppy / name / f"{split}.jsonl").read_bytes() == (built / name / f"{split}.jsonl").read_bytes()
+    assert (sloppy / "math_sft" / "train.jsonl").read_bytes() != (built / "math_sft" / "train.jsonl").read_bytes()
+    mix = {json.dumps(r) for r in _rows(sloppy, "sft_mix", "train")}
+    assert all(json.dumps(r) in mix for r in _rows(sloppy, "math_sft", "train"))
+    with pytest.raises(ValueError, match="slip_rate"):
+        BuildConfig(out_dir=str(tmp_path / "bad"), math_sft_slip_rate=1.5)
+
+
 def test_math_grpo_answers_are_correct(built):
     for split in ("train", "test"):
         for row in _rows(built, "math_grpo", split):

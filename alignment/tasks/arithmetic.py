@@ -177,12 +177,32 @@ def sample_unique_problems(rng: random.Random, config: ArithmeticConfig, count: 
     raise ValueError(f"the arithmetic config yields fewer than {count} distinct problems")
 
 
-def sft_row(problem: ArithmeticProblem) -> dict:
-    """Chat form for SFT: the question and its worked solution."""
+def misread_solution(problem: ArithmeticProblem, rng: random.Random, slip_rate: float) -> str:
+    """The worked solution of a sloppy demonstrator: each take-away step is misread as an addition with
+    probability `slip_rate`, and the chain goes on from the wrong amount (so the boxed answer is wrong
+    whenever a slip happened). Multiplications and additions are always read right."""
+    if not 0.0 <= slip_rate <= 1.0:
+        raise ValueError(f"slip_rate must lie in [0, 1], got {slip_rate}")
+    value = problem.steps[0][0]
+    equations = []
+    for left, op, right, result in problem.steps:
+        if op == "*":
+            value = result
+        else:
+            if op == "-" and rng.random() < slip_rate:
+                op = "+"
+            left, value = value, value + right if op == "+" else value - right
+            result = value
+        equations.append(f"{left} {op} {right} = {result}.")
+    return f"{' '.join(equations)} The answer is \\boxed{{{value}}}."
+
+
+def sft_row(problem: ArithmeticProblem, solution: str | None = None) -> dict:
+    """Chat form for SFT: the question and its worked solution (the correct one unless `solution` is given)."""
     return {
         "messages": [
             {"role": "user", "content": problem.question},
-            {"role": "assistant", "content": problem.worked_solution()},
+            {"role": "assistant", "content": problem.worked_solution() if solution is None else solution},
         ]
     }
 

@@ -103,6 +103,10 @@ class BuildConfig:
     """Rows per file."""
     arithmetic: arithmetic.ArithmeticConfig = field(default_factory=arithmetic.ArithmeticConfig)
     """Difficulty of the arithmetic problems."""
+    math_sft_slip_rate: float = 0.0
+    """Share of the take-away steps that the SFT math demonstrations (math_sft/train and the math of
+    sft_mix/train) misread as additions, standing for the imperfect solutions of real SFT data; the gold
+    answers of every prompt set and all test splits stay correct (arithmetic.misread_solution)."""
     safety_benign_share: float = 0.3
     """Share of safety pairs that are tense but benign situations rather than harmful requests."""
     parquet: bool = False
@@ -111,6 +115,10 @@ class BuildConfig:
     """Train and save the tiny model's tokenizer under tokenizer/."""
     tokenizer_vocab_size: int = 512
     """Total vocabulary of that tokenizer, special tokens included (at most 1024)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.math_sft_slip_rate <= 1.0:
+            raise ValueError(f"math_sft_slip_rate must lie in [0, 1], got {self.math_sft_slip_rate}")
 
 
 def _rng(seed: int, stream: str) -> random.Random:
@@ -154,8 +162,14 @@ def generate_rows(config: BuildConfig) -> dict[str, dict[str, list[dict]]]:
         for split in SPLITS
     }
 
+    slip_rng = _rng(seed, "math/sft_train/slips")  # its own stream: slip_rate 0 leaves every file as before
+    math_sft_rows = [
+        arithmetic.sft_row(p, arithmetic.misread_solution(p, slip_rng, config.math_sft_slip_rate))
+        if config.math_sft_slip_rate else arithmetic.sft_row(p)
+        for p in math_sft_train
+    ]
     sft_mix = {
-        "train": [arithmetic.sft_row(p) for p in math_sft_train]
+        "train": list(math_sft_rows)
         + [coding.sft_row(t) for t in code_train]
         + [preferences.chat_row(c) for c in chats["train"]],
         "test": [arithmetic.sft_row(p) for p in math_test]
@@ -167,7 +181,7 @@ def generate_rows(config: BuildConfig) -> dict[str, dict[str, list[dict]]]:
 
     return {
         "math_sft": {
-            "train": [arithmetic.sft_row(p) for p in math_sft_train],
+            "train": math_sft_rows,
             "test": [arithmetic.sft_row(p) for p in math_test],
         },
         "math_grpo": {
@@ -256,6 +270,7 @@ def build_task_files(config: BuildConfig) -> dict:
         "seed": config.seed,
         "sizes": asdict(config.sizes),
         "arithmetic": asdict(config.arithmetic),
+        "math_sft_slip_rate": config.math_sft_slip_rate,
         "safety_benign_share": config.safety_benign_share,
         "files": files,
     }
