@@ -279,6 +279,8 @@ def run_reward_model(config: RewardModelConfig, extra_callbacks: Sequence = (),
                                 device="cpu" if config.training.use_cpu else None)
             eval_metrics["pairwise_accuracy"] = pairwise_accuracy(scorer, trainer.preference_eval_rows)
             trainer.log({"eval_pairwise_accuracy": eval_metrics["pairwise_accuracy"]})
+            if trainer.is_world_process_zero():
+                trainer.save_state()  # again, now with the pairwise accuracy in its log history
     loss = train_output.training_loss
     return RewardModelResult(output_dir=config.output.output_dir, global_step=trainer.state.global_step,
                              train_loss=float(loss) if loss is not None and not math.isnan(loss) else float("nan"),

@@ -529,9 +529,11 @@ def _save_final_zero3(trainer, output_dir: str) -> None:
 
 
 def save_final_and_notify(trainer, output_dir: str) -> None:
-    """`save_final_model`, then the `eval:` callbacks' on_save (main process)."""
+    """`save_final_model` and the trainer state (its log history feeds `python -m alignment report` also
+    when no checkpoint was kept), then the `eval:` callbacks' on_save (main process)."""
     save_final_model(trainer, output_dir)
     if trainer.is_world_process_zero():
+        trainer.save_state()
         trainer.eval_callback.runner.saved(trainer.state.global_step, output_dir)
 
 
