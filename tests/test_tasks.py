@@ -349,3 +349,8 @@ def test_cli_builds_and_rejects_unknown_sizes(tmp_path, capsys):
     assert manifest["seed"] == 3 and manifest["files"]["math_sft/train"]["rows"] == 5
     assert cli_main(["build", "--out", str(tmp_path), "--sizes", "math_trian=5"]) == 2
     assert "math_trian" in capsys.readouterr().err
+    assert cli_main(["build", "--out", str(tmp_path), "--no-tokenizer", "--sizes", *sizes,
+                     "--math-sft-slip-rate", "0.5"]) == 0
+    assert json.loads((tmp_path / "manifest.json").read_text())["math_sft_slip_rate"] == 0.5
+    assert cli_main(["build", "--out", str(tmp_path / "bad"), "--math-sft-slip-rate", "2"]) == 2
+    assert "math_sft_slip_rate" in capsys.readouterr().err

@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="most operations per arithmetic problem")
     build.add_argument("--min-operations", type=int, default=ArithmeticConfig.min_operations,
                        help="fewest operations per arithmetic problem")
+    build.add_argument("--math-sft-slip-rate", type=float, default=0.0,
+                       help="share of take-away steps the SFT math demonstrations misread as additions")
     return parser
 
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             arithmetic=ArithmeticConfig(
                 max_operand=args.max_operand, min_operations=args.min_operations, max_operations=args.max_operations
             ),
+            math_sft_slip_rate=args.math_sft_slip_rate,
             parquet=args.parquet,
             tokenizer=not args.no_tokenizer,
             tokenizer_vocab_size=args.vocab_size,
