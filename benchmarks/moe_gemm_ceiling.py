@@ -1,0 +1,322 @@
+"""GEMM ceiling of the fused MoE experts step at V2-Lite shapes (GPU, bf16).
+
+    python benchmarks/moe_gemm_ceiling.py [--n 4096,16384]
+
+The six expert GEMMs of one forward+backward step (E=64, top-6, D=2048, F=1408, the routing of
+benchmarks/kernels.py: seed 0, uniform random top-6 of a softmax over random scores), each timed with
+triton.testing.do_bench (median) three ways, plus one:
+  (a) triton   our Triton kernel, launched exactly as model/kernels/moe.py launches it (its own launch helpers
+               and tiles, on the step's real intermediate tensors; gate_up includes its row gather and SwiGLU
+               epilogue, down and input grad their scatter to assignment order);
+  (b) gmm      torch._grouped_mm (CUTLASS grouped GEMM) on the same padded, expert-sorted rows, offsets = each
+               expert's end row; the 2F-wide GEMMs (gate_up, input grad, dWg/dWu) as one call on concatenated
+               operands (the pure GEMM); "gmm x2" = the drop-in form on moe.py's planes (two calls, + an add
+               for input grad);
+  (c) dense    one cuBLAS torch.matmul of the same total rows A = N*6 (no grouping: the upper bound);
+  (d) bmm      cuBLAS torch.bmm over E equal groups of A/E rows (grouped shapes, no raggedness).
+Rates count the useful FLOPs (2*A*K*N per GEMM, padding rows not counted) for every method. The non-GEMM
+time of the step (routing, gathers, SwiGLU backward, combines, memsets) comes from a torch.profiler pass over
+committed fwd+bwd steps; the projected step = non-GEMM + the best (a)/(b) time of each GEMM.
+
+The A/B of the whole step with backward GEMMs routed through torch._grouped_mm inside moe_experts_bwd
+(benchmarks/README.md, "GEMM ceiling at these shapes") ran on a prototype that was not kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: benchmarks/model.py shadows model
+
+import model.kernels.moe as moe  # noqa: E402
+from kernels import PEAK_TFLOPS, bench, rel_err  # noqa: E402  (benchmarks/kernels.py)
+from model.moe import RoutedExperts  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+E, D, F, K = 64, 2048, 1408, 6
+GEMMS = ("gate_up fwd", "down fwd", "hidden grad", "input grad", "dWd", "dWg+dWu")
+
+
+def problem(n_tokens: int):
+    """The MoE benchmark's inputs (benchmarks/kernels.py bench_moe: same seed, same draws in the same order)."""
+    torch.manual_seed(0)
+    ref = RoutedExperts(E, D, F).to(DEV, DT)
+    for p in ref.parameters():
+        p.data.normal_(0, 0.02)
+    x = torch.randn(n_tokens, D, device=DEV, dtype=DT, requires_grad=True)
+    scores = torch.randn(n_tokens, E, device=DEV).softmax(-1)
+    w_NK, ids_NK = scores.topk(K, dim=-1)
+    w_NK = w_NK.detach().requires_grad_()
+    dout = torch.randn(n_tokens, D, device=DEV, dtype=DT)
+    return ref, x, ids_NK, w_NK, dout
+
+
+def flops(n_tokens: int) -> dict[str, float]:
+    A = n_tokens * K
+    f = 2.0 * A * D * F
+    return {"gate_up fwd": 2 * f, "down fwd": f, "hidden grad": f, "input grad": 2 * f, "dWd": f, "dWg+dWu": 2 * f}
+
+
+def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
+    """Our kernels as moe_experts_fwd / moe_experts_bwd launch them, on the step's real tensors. Returns
+    (name -> launch closure, the intermediate tensors)."""
+    wg, wu, wd = ref.gate_proj.detach(), ref.up_proj.detach(), ref.down_proj.detach()
+    x = x.detach()
+    tiles = moe.default_tiles(D, F, DT, n_tokens * K / E)
+    BM, GM = tiles.block_m, tiles.group_m
+    prec = moe.dot_precision(DT)
+    with torch.no_grad():
+        _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK.detach(), save_for_backward=True, tiles=tiles)
+    row_P, block_3Mb, pad_start_E, count_E, keep_A, used_rows_1, weights_A, gu_2PF = saved
+    P, n_mb = row_P.numel(), block_3Mb.shape[1]
+    x_PD, dout_PD = moe._gather_rows(x, dout, row_P, used_rows_1, K, BM)
+    T = dict(row_P=row_P, pad_start_E=pad_start_E, count_E=count_E, used_rows_1=used_rows_1, x_PD=x_PD,
+             dout_PD=dout_PD, wg=wg, wu=wu, wd=wd,
+             h_PF=torch.empty(P, F, dtype=DT, device=DEV), gu_2PF=torch.empty_like(gu_2PF),
+             y_AD=torch.empty(n_tokens * K, D, dtype=DT, device=DEV), z_PF=torch.empty(P, F, dtype=DT, device=DEV),
+             dgu_2PF=torch.empty_like(gu_2PF), hw_PF=torch.empty(P, F, dtype=DT, device=DEV),
+             dweights_A=torch.zeros(n_tokens * K, dtype=torch.float32, device=DEV),
+             dwgu_2EFD=torch.empty(2, E, F, D, dtype=DT, device=DEV), dwd_1EDF=torch.empty(1, E, D, F, dtype=DT, device=DEV),
+             dxa_AD=torch.empty(n_tokens * K, D, dtype=DT, device=DEV))
+
+    def gate_up():
+        t = tiles.gate_up
+        moe._launch(moe._moe_gate_up_kernel, t, n_mb * triton.cdiv(F, t.n), x, wg, wu, row_P, block_3Mb, T["h_PF"],
+                    T["gu_2PF"], n_mb, P, D, F, K, STORE_GU=True, PRECISION=prec, EVEN_K=D % t.k == 0,
+                    BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
+
+    def down():
+        t = tiles.down
+        moe._launch(moe._moe_down_kernel, t, n_mb * triton.cdiv(D, t.n), T["h_PF"], wd, row_P, block_3Mb, T["y_AD"],
+                    n_mb, D, F, PRECISION=prec, EVEN_K=F % t.k == 0, BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
+
+    def hidden():
+        t = tiles.hidden_grad
+        moe._launch(moe._moe_hidden_grad_kernel, t, n_mb * triton.cdiv(F, t.n), moe._tma(dout_PD, [BM, t.k]),
+                    moe._tma(wd, [1, t.k, t.n]), block_3Mb, T["z_PF"], n_mb, D, F, PRECISION=prec, BLOCK_M=BM,
+                    BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
+
+    def swiglu_bwd():
+        t = tiles.swiglu_bwd
+        moe._launch(moe._moe_swiglu_bwd_kernel, t, P // t.m, T["z_PF"], T["gu_2PF"], weights_A, row_P, used_rows_1,
+                    T["dgu_2PF"], T["hw_PF"], T["dweights_A"], P, F, BLOCK_R=t.m, BLOCK_F=t.n)
+
+    def dwd():
+        moe._weight_grad(tiles.down_wgrad, dout_PD[None], T["hw_PF"], pad_start_E, count_E, T["dwd_1EDF"], prec)
+
+    def dwgu():
+        moe._weight_grad(tiles.gate_up_wgrad, T["dgu_2PF"], x_PD, pad_start_E, count_E, T["dwgu_2EFD"], prec)
+
+    def input_grad():
+        t = tiles.input_grad
+        moe._launch(moe._moe_input_grad_kernel, t, n_mb * triton.cdiv(D, t.n),
+                    moe._tma(T["dgu_2PF"].view(2 * P, F), [BM, t.k]), moe._tma(wg, [1, t.k, t.n]),
+                    moe._tma(wu, [1, t.k, t.n]), row_P, block_3Mb, T["dxa_AD"], n_mb, P, D, F, PRECISION=prec,
+                    BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
+
+    for fn in (gate_up, down, hidden, swiglu_bwd, dwd, dwgu, input_grad):  # fill every intermediate once, in order
+        fn()
+    torch.cuda.synchronize()
+    return {"gate_up fwd": gate_up, "down fwd": down, "hidden grad": hidden, "input grad": input_grad,
+            "dWd": dwd, "dWg+dWu": dwgu}, T
+
+
+def grouped_mm_launches(T):
+    """torch._grouped_mm on the same padded rows. Rows past used_rows are NaN-poisoned copies (no GEMM may read
+    them). Returns (pure-GEMM closures, drop-in closures, correctness errors against the Triton outputs)."""
+    gmm = torch._grouped_mm
+    used = int(T["used_rows_1"].item())
+    offs = torch.cat([T["pad_start_E"][1:], T["used_rows_1"]]).to(torch.int32)
+
+    def poisoned(t):
+        t = t.clone()
+        t[used:] = float("nan")
+        return t
+
+    x_PD, dout_PD, h_PF, hw_PF = (poisoned(T[k]) for k in ("x_PD", "dout_PD", "h_PF", "hw_PF"))
+    dg_PF, du_PF = poisoned(T["dgu_2PF"][0]), poisoned(T["dgu_2PF"][1])
+    wg, wu, wd = T["wg"], T["wu"], T["wd"]
+    wgu_E2FD = torch.cat([wg, wu], dim=1)  # [E, 2F, D]
+    dgu_P2F = torch.cat([dg_PF, du_PF], dim=1)  # [P, 2F]
+    dgu_planes = torch.stack([dg_PF, du_PF])  # moe.py's layout [2, P, F]
+    pure = {
+        "gate_up fwd": lambda: gmm(x_PD, wgu_E2FD.transpose(1, 2), offs=offs),
+        "down fwd": lambda: gmm(h_PF, wd.transpose(1, 2), offs=offs),
+        "hidden grad": lambda: gmm(dout_PD, wd, offs=offs),
+        "input grad": lambda: gmm(dgu_P2F, wgu_E2FD, offs=offs),
+        "dWd": lambda: gmm(dout_PD.t(), hw_PF, offs=offs),
+        "dWg+dWu": lambda: gmm(dgu_P2F.t(), x_PD, offs=offs),
+    }
+
+    def input_grad_x2():
+        out = gmm(dgu_planes[0], wg, offs=offs)
+        out += gmm(dgu_planes[1], wu, offs=offs)
+        return out
+
+    dropin = {
+        "input grad": input_grad_x2,
+        "dWg+dWu": lambda: (gmm(dgu_planes[0].t(), x_PD, offs=offs), gmm(dgu_planes[1].t(), x_PD, offs=offs)),
+    }
+    # correctness against our kernels' outputs (rows in padded order; valid rows only where it matters)
+    row = T["row_P"][:used].long()
+    valid = row >= 0
+    errs = {}
+    gu = pure["gate_up fwd"]()[:used]
+    errs["gate_up fwd"] = max(rel_err(gu[:, :F], T["gu_2PF"][0][:used]), rel_err(gu[:, F:], T["gu_2PF"][1][:used]))
+    errs["down fwd"] = rel_err(pure["down fwd"]()[:used][valid], T["y_AD"][row[valid]])
+    errs["hidden grad"] = rel_err(pure["hidden grad"]()[:used], T["z_PF"][:used])
+    dx = pure["input grad"]()[:used][valid]
+    errs["input grad"] = max(rel_err(dx, T["dxa_AD"][row[valid]]),
+                             rel_err(input_grad_x2()[:used][valid], T["dxa_AD"][row[valid]]))
+    errs["dWd"] = rel_err(pure["dWd"](), T["dwd_1EDF"][0])
+    dwgu = pure["dWg+dWu"]()
+    g2, u2 = dropin["dWg+dWu"]()
+    errs["dWg+dWu"] = max(rel_err(dwgu[:, :F], T["dwgu_2EFD"][0]), rel_err(dwgu[:, F:], T["dwgu_2EFD"][1]),
+                          rel_err(g2, T["dwgu_2EFD"][0]), rel_err(u2, T["dwgu_2EFD"][1]))
+    # an empty expert (K-grouped weight gradient over zero rows) must come out zero
+    offs_empty = offs.clone()
+    offs_empty[1] = offs_empty[0]  # expert 1 gets no rows
+    w_empty = gmm(dout_PD.t(), hw_PF, offs=offs_empty)
+    errs["empty-expert dWd max|.|"] = w_empty[1].abs().max().item()
+    return pure, dropin, errs
+
+
+def dense_launches(n_tokens):
+    """cuBLAS: (c) one dense matmul of all A rows, (d) bmm over E equal groups of A/E rows."""
+    A, R = n_tokens * K, n_tokens * K // E
+    g = torch.Generator(device=DEV).manual_seed(1)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, device=DEV, generator=g) * 0.1).to(DT)
+
+    a_D, a_F, a_2F = rnd(A, D), rnd(A, F), rnd(A, 2 * F)
+    w_2FD, w_DF, w_FD = rnd(2 * F, D), rnd(D, F), rnd(F, D)
+    dense = {
+        "gate_up fwd": lambda: a_D @ w_2FD.t(),
+        "down fwd": lambda: a_F @ w_DF.t(),
+        "hidden grad": lambda: a_D @ w_DF,
+        "input grad": lambda: a_2F @ w_2FD,
+        "dWd": lambda: a_D.t() @ a_F,
+        "dWg+dWu": lambda: a_2F.t() @ a_D,
+    }
+    b_D, b_F, b_2F = a_D.view(E, R, D), a_F.view(E, R, F), a_2F.view(E, R, 2 * F)
+    we_2FD, we_DF = rnd(E, 2 * F, D), rnd(E, D, F)
+    bmm = {
+        "gate_up fwd": lambda: torch.bmm(b_D, we_2FD.transpose(1, 2)),
+        "down fwd": lambda: torch.bmm(b_F, we_DF.transpose(1, 2)),
+        "hidden grad": lambda: torch.bmm(b_D, we_DF),
+        "input grad": lambda: torch.bmm(b_2F, we_2FD),
+        "dWd": lambda: torch.bmm(b_D.transpose(1, 2), b_F),
+        "dWg+dWu": lambda: torch.bmm(b_2F.transpose(1, 2), b_D),
+    }
+    return dense, bmm
+
+
+def step_fn(ref, x, ids_NK, w_NK, dout):
+    params = [x, ref.gate_proj, ref.up_proj, ref.down_proj, w_NK]
+
+    def step():
+        return torch.autograd.grad(moe.moe_experts(x, ref.gate_proj, ref.up_proj, ref.down_proj, ids_NK, w_NK),
+                                   params, dout)
+    return step
+
+
+def profile_step(step, n_steps: int = 10) -> dict[str, float]:
+    """Device ms per step by kernel name (torch.profiler), committed path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_steps):
+            step()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = evt.self_cuda_time_total
+        if t > 0:
+            out[evt.key] = out.get(evt.key, 0.0) + t / 1e3 / n_steps
+    return out
+
+
+GEMM_KERNELS = ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_hidden_grad_kernel", "_moe_input_grad_kernel",
+                "_moe_weight_grad_kernel")
+
+
+def ceiling(n_tokens: int) -> dict:
+    ref, x, ids_NK, w_NK, dout = problem(n_tokens)
+    fl = flops(n_tokens)
+    tri, T = triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout)
+    pure, dropin, errs = grouped_mm_launches(T)
+    dense, bmm = dense_launches(n_tokens)
+    step = step_fn(ref, x, ids_NK, w_NK, dout)
+    prof = profile_step(step)
+    gemm_prof = {k: v for k, v in prof.items() if any(g in k for g in GEMM_KERNELS)}
+    non_gemm = sum(v for k, v in prof.items() if k not in gemm_prof)
+    t_step = bench(step)
+    rows = {}
+    for name in GEMMS:
+        r = {"a": bench(tri[name]), "b": bench(pure[name]), "c": bench(dense[name]), "d": bench(bmm[name])}
+        if name in dropin:
+            r["b2"] = bench(dropin[name])
+        rows[name] = r
+    # second timing of (a) and (b): the run-to-run spread of one process
+    for name in GEMMS:
+        rows[name]["a'"] = bench(tri[name])
+        rows[name]["b'"] = bench(pure[name])
+    print(f"\nN={n_tokens} (A={n_tokens * K} rows, {n_tokens * K / E:.0f} per expert, padded rows "
+          f"{int(T['used_rows_1'].item())}); step {t_step:.3f} ms = {18 * n_tokens * K * D * F / t_step / 1e9:.0f} "
+          f"TFLOP/s ({100 * 18 * n_tokens * K * D * F / t_step / 1e9 / PEAK_TFLOPS:.1f}%)")
+    print("profiler, ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])))
+    print(f"profiler: GEMM kernels {sum(gemm_prof.values()):.3f} ms, non-GEMM {non_gemm:.3f} ms per step")
+    print("gmm vs triton outputs (rel.err): " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    hdr = f"{'GEMM':12s} " + " ".join(f"{m:>17s}" for m in ("(a) triton", "(a) again", "(b) gmm", "(b) again",
+                                                             "gmm x2 drop-in", "(c) dense cuBLAS", "(d) bmm equal"))
+    print(hdr)
+    best_sum = dense_sum = bmm_sum = tri_sum = 0.0
+    for name in GEMMS:
+        r = rows[name]
+        cells = []
+        for m in ("a", "a'", "b", "b'", "b2", "c", "d"):
+            if m in r:
+                cells.append(f"{r[m]:.3f} {fl[name] / r[m] / 1e9:4.0f}TF".rjust(17))
+            else:
+                cells.append("-".rjust(17))
+        print(f"{name:12s} " + " ".join(cells))
+        tri_sum += min(r["a"], r["a'"])
+        best_sum += min(r["a"], r["a'"], r["b"], r["b'"])
+        dense_sum += r["c"]
+        bmm_sum += r["d"]
+    total = 18 * n_tokens * K * D * F
+    for label, s in (("triton GEMMs (a)", tri_sum), ("best of (a)/(b) per GEMM", best_sum),
+                     ("bmm equal groups (d)", bmm_sum), ("dense cuBLAS (c)", dense_sum)):
+        proj = s + non_gemm
+        print(f"projected step, {label:26s}: GEMMs {s:.3f} + non-GEMM {non_gemm:.3f} = {proj:.3f} ms, "
+              f"{100 * total / proj / 1e9 / PEAK_TFLOPS:.1f}% of peak")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", default="4096,16384")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/moe_gemm_ceiling.py needs a CUDA GPU")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    for n in (int(v) for v in args.n.split(",") if v):
+        ceiling(n)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
