@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # systematic error of the kind imperfect SFT data carries: the SFT model adds where it should subtract, still
 # samples the subtraction now and then, and GRPO stage 1's verified math reward has an error to remove.
 # Without one, stage 1 did not raise held-out accuracy at this scale: a few hundred samples of RL do not
-# teach a 1M-parameter model new arithmetic (README, "What stage 1 can do at this scale").
+# teach a model this small new arithmetic (README, "What stage 1 can do at this scale").
 QUICKSTART_DATA = dict(arithmetic=ArithmeticConfig(multiplication_probability=0.0), math_sft_slip_rate=0.7)
 RECIPES = ROOT / "recipes" / "quickstart"
 STAGES = ["sft", "rm_helpful", "rm_safety", "grpo_stage1", "grpo_stage2"]
