@@ -35,8 +35,9 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: benchmarks/model.py shadows model
 
-import model.kernels.moe as moe  # noqa: E402
 from kernels import PEAK_TFLOPS, bench, rel_err  # noqa: E402  (benchmarks/kernels.py)
+
+import model.kernels.moe as moe  # noqa: E402
 from model.moe import RoutedExperts  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -197,7 +198,7 @@ def dense_launches(n_tokens):
         return (torch.randn(*shape, device=DEV, generator=g) * 0.1).to(DT)
 
     a_D, a_F, a_2F = rnd(A, D), rnd(A, F), rnd(A, 2 * F)
-    w_2FD, w_DF, w_FD = rnd(2 * F, D), rnd(D, F), rnd(F, D)
+    w_2FD, w_DF = rnd(2 * F, D), rnd(D, F)
     dense = {
         "gate_up fwd": lambda: a_D @ w_2FD.t(),
         "down fwd": lambda: a_F @ w_DF.t(),
