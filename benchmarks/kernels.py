@@ -108,8 +108,14 @@ def hf_grouped_mm_experts(E, D, F_, K):
         return None
 
 
-def bench_moe(n_tokens: int, drop: bool = False):
-    E, D, F_, K = 64, 2048, 1408, 6
+MOE_E, MOE_D, MOE_F, MOE_K = 64, 2048, 1408, 6
+"""V2-Lite's routed experts: count, hidden size, expert intermediate size, experts per token."""
+
+
+def moe_problem(n_tokens: int, drop: bool = False):
+    """The MoE benchmark's inputs, seeded: reference experts, x, uniform random top-K routing, the keep mask
+    (10% of assignments dropped) or None, and the output gradient. benchmarks/moe_gemm_ceiling.py uses the same."""
+    E, D, F_, K = MOE_E, MOE_D, MOE_F, MOE_K
     torch.manual_seed(0)
     ref = RoutedExperts(E, D, F_).to(DEV, DT)
     for p in ref.parameters():
@@ -120,6 +126,12 @@ def bench_moe(n_tokens: int, drop: bool = False):
     w_NK = w_NK.detach().requires_grad_()
     keep = (torch.rand(n_tokens, K, device=DEV) > 0.1) if drop else None
     dout = torch.randn(n_tokens, D, device=DEV, dtype=DT)
+    return ref, x, ids_NK, w_NK, keep, dout
+
+
+def bench_moe(n_tokens: int, drop: bool = False):
+    E, D, F_, K = MOE_E, MOE_D, MOE_F, MOE_K
+    ref, x, ids_NK, w_NK, keep, dout = moe_problem(n_tokens, drop)
     params = [x, ref.gate_proj, ref.up_proj, ref.down_proj, w_NK]
 
     def ours():

@@ -35,27 +35,18 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: benchmarks/model.py shadows model
 
-from kernels import PEAK_TFLOPS, bench, rel_err  # noqa: E402  (benchmarks/kernels.py)
+from kernels import MOE_D, MOE_E, MOE_F, MOE_K, PEAK_TFLOPS, bench, moe_problem, rel_err  # noqa: E402
 
 import model.kernels.moe as moe  # noqa: E402
-from model.moe import RoutedExperts  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
-E, D, F, K = 64, 2048, 1408, 6
+E, D, F, K = MOE_E, MOE_D, MOE_F, MOE_K
 GEMMS = ("gate_up fwd", "down fwd", "hidden grad", "input grad", "dWd", "dWg+dWu")
 
 
 def problem(n_tokens: int):
-    """The MoE benchmark's inputs (benchmarks/kernels.py bench_moe: same seed, same draws in the same order)."""
-    torch.manual_seed(0)
-    ref = RoutedExperts(E, D, F).to(DEV, DT)
-    for p in ref.parameters():
-        p.data.normal_(0, 0.02)
-    x = torch.randn(n_tokens, D, device=DEV, dtype=DT, requires_grad=True)
-    scores = torch.randn(n_tokens, E, device=DEV).softmax(-1)
-    w_NK, ids_NK = scores.topk(K, dim=-1)
-    w_NK = w_NK.detach().requires_grad_()
-    dout = torch.randn(n_tokens, D, device=DEV, dtype=DT)
+    """The MoE benchmark's inputs without drops (benchmarks/kernels.py moe_problem)."""
+    ref, x, ids_NK, w_NK, _, dout = moe_problem(n_tokens)
     return ref, x, ids_NK, w_NK, dout
 
 
