@@ -147,11 +147,13 @@ def _check_keys(path: Path, expected: dict[str, torch.Tensor], given: dict[str, 
 
 
 def load_pretrained(cls, path, *, dtype="auto", device=None, init_missing=(), ignore_unexpected=(),
-                    **config_overrides):
+                    partition: bool | None = None, **config_overrides):
     """A `cls` model with the checkpoint's weights. `init_missing`: key prefixes the checkpoint may lack
     (those parameters get `_init_weights`, from the current torch RNG; e.g. a reward head on an LM
     checkpoint); `ignore_unexpected`: key prefixes of the checkpoint to skip (e.g. `lm_head.`).
-    Under DeepSpeed ZeRO-3 the model comes out partitioned (module docstring)."""
+    `partition`: None = partitioned exactly when a DeepSpeed ZeRO-3 launch is active (module docstring);
+    False = a whole model in every process all the same (a rollout engine's own copy, which the trainer
+    refills from the gathered policy)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     path = Path(path)
@@ -164,7 +166,9 @@ def load_pretrained(cls, path, *, dtype="auto", device=None, init_missing=(), ig
         raise CheckpointError(f"{config_file}: model_type is {raw.get('model_type')!r}, expected 'deepseek_v2'")
     config = DeepseekV2Config.from_pretrained(str(path), **config_overrides)
     header = from_hf_state_dict(read_safetensors(path, meta=True))
-    zero3 = is_deepspeed_zero3_enabled()
+    zero3 = is_deepspeed_zero3_enabled() if partition is None else partition
+    if zero3 and not is_deepspeed_zero3_enabled():
+        raise ValueError(f"{path}: partition=True needs an active DeepSpeed ZeRO-3 launch")
     if dtype == "auto" and zero3:
         dtype = None  # the DeepSpeed config's (_load_zero3)
     elif dtype == "auto":

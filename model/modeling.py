@@ -95,10 +95,12 @@ class DeepseekV2PreTrainedModel(PreTrainedModel):
     # Checkpoints: the Hugging Face deepseek_v2 layout, safetensors only (model/checkpoint.py).
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype | str | None = "auto", device=None, init_missing=(),
-                        ignore_unexpected=(), **config_overrides):
-        """Partitioned under DeepSpeed ZeRO-3; see `model.checkpoint.load_pretrained` for the key options."""
+                        ignore_unexpected=(), partition: bool | None = None, **config_overrides):
+        """Partitioned under DeepSpeed ZeRO-3 unless partition=False; see `model.checkpoint.load_pretrained` for
+        the key options."""
         return checkpoint.load_pretrained(cls, path, dtype=dtype, device=device, init_missing=init_missing,
-                                          ignore_unexpected=ignore_unexpected, **config_overrides)
+                                          ignore_unexpected=ignore_unexpected, partition=partition,
+                                          **config_overrides)
 
     def save_pretrained(self, save_directory, *, state_dict=None, is_main_process: bool = True,
                         max_shard_size: str | int = "5GB", **_ignored):

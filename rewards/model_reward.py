@@ -39,7 +39,9 @@ def load_reward_model(path: str | Path, dtype: torch.dtype | None = None) -> tor
     if config.get("model_type") == "deepseek_v2" and OUR_ARCHITECTURE in config.get("architectures", []):
         from model import DeepseekV2ForSequenceClassification  # lazy: rewards must not need the model package
 
-        model = DeepseekV2ForSequenceClassification.from_pretrained(path, dtype=dtype or "auto")
+        # whole in every process, also under a ZeRO-3 launch: a frozen scorer, each process scores its own
+        # completions (a partitioned model's forward would be collective)
+        model = DeepseekV2ForSequenceClassification.from_pretrained(path, dtype=dtype or "auto", partition=False)
     else:
         from transformers import AutoModelForSequenceClassification
 

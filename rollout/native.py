@@ -28,7 +28,9 @@ class NativeEngine(RolloutEngine):
             if config.model is None:
                 raise ValueError("the native backend needs RolloutConfig.model (a checkpoint dir) or a live model")
             device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = DeepseekV2ForCausalLM.from_pretrained(config.model, dtype=config.dtype, device=device)
+            # whole in every process, also under a ZeRO-3 launch: the trainer refills it from the gathered policy
+            model = DeepseekV2ForCausalLM.from_pretrained(config.model, dtype=config.dtype, device=device,
+                                                          partition=False)
         self.model = model
         limit = model.config.max_position_embeddings
         if config.max_model_len > limit:

@@ -48,14 +48,16 @@ from rewards.pipeline import RewardPipelineConfig
 from rollout import RolloutConfig
 
 spec = json.load(open(sys.argv[1]))
-run_grpo(ModelConfig(name_or_path=spec["model"]), DataConfig(train_files=[spec["train"]]),
+run_grpo(ModelConfig(name_or_path=spec["model"], **spec.get("model_options", {})), DataConfig(train_files=[spec["train"]], **spec.get("data", {})),
          RolloutConfig(**spec["rollout"]), RewardPipelineConfig.from_dict(spec["rewards"]),
          GRPOConfig(**spec["grpo"]), spec["out"])
 '''
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # tests/ on the path too: a driver subprocess can name a reward of this module (test_grpo_train:...)
+    path = [str(ROOT), str(ROOT / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
@@ -317,6 +319,11 @@ def parity_reward(prompts, completions, **_):
     return [float(len(c) % 2 == 0) if i < 8 else 0.0 for i, c in enumerate(completions)]
 
 
+def even_length_reward(prompts, completions, **_):
+    """Test reward: 1 for an even number of characters, whatever the completion's place in the batch."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
 def test_dynamic_sampling_drops_and_refills(tasks_dir, tmp_path):
     trainer = _tiny_trainer(tmp_path, tasks_dir, {"name": "parity", "reward": f"{__name__}:parity_reward"},
                             dynamic_sampling=True, max_refill_rounds=3)
@@ -482,6 +489,88 @@ def test_zero_step_matches_the_plain_path_and_resumes(stage, tiny_checkpoint, ta
     assert not any(hasattr(p, "ds_id") for p in ours.parameters())
     for name, tensor in to_hf_state_dict(ours.state_dict()).items():
         assert torch.equal(tensor, zero_final[name]), name
+
+
+def _two_gpu_launch(tmp_path, stage: int, mixed_precision: str) -> list[str]:
+    """`accelerate launch` of recipes/accelerate/zero{stage}.yaml on 2 GPUs (one process each)."""
+    import yaml
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    pytest.importorskip("deepspeed")
+    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml").read_text())
+    config.update(num_processes=2, mixed_precision=mixed_precision)
+    path = tmp_path / f"zero{stage}-2gpu-{mixed_precision}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+
+
+def _launch(cmd, tmp_path, spec) -> list[dict]:
+    """Run the driver under `cmd`; the run's metrics.jsonl rows."""
+    driver, spec_file = _write_driver(tmp_path, spec)
+    proc = subprocess.run(cmd + [str(driver), str(spec_file)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_gpus_matches_one_gpu_and_resumes(stage, tiny_checkpoint, tasks_dir, tmp_path):
+    """ZeRO-2 / ZeRO-3 over 2 GPUs (NCCL, one process each, fp32): each process trains its own 2 of the 4
+    groups, and one step gives the parameters of a 1-GPU run without DeepSpeed (adam_eps = lr = 1: the step
+    is ∝ the gradient, so a gradient divided by the world size once too often, or a shard left out, shows).
+    Then a second launch resumes from the sharded step-1 checkpoint and ends where two 1-GPU steps end.
+    One optimizer step per rollout batch: with several, 1 and 2 processes cut the batch into different parts.
+    The native engine samples from its own copy, synced from the gathered policy before each step (ZeRO-3 with
+    several processes cannot decode on the live policy: trainer._refuse_main_only_forwards)."""
+    zero = _two_gpu_launch(tmp_path, stage, "no")
+    one_gpu = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no"]
+    grpo = dict(max_new_tokens=12, updates_per_batch=1, adam_eps=1.0, learning_rate=1.0)
+    # each process scores its own completions: a reward of the completion alone (parity_reward depends on the
+    # completion's place in the batch)
+    parity = {"rewards": [{"name": "parity", "reward": "test_grpo_train:even_length_reward"}]}
+    spec = lambda out, steps: {**_spec((tiny_checkpoint,), tasks_dir, out, max_steps=steps, **grpo),
+                               "rewards": parity,
+                               "rollout": {"backend": "native", "model": str(tiny_checkpoint), "max_model_len": 256}}
+    _launch(one_gpu, tmp_path, spec(tmp_path / "one", 2))
+    first = _launch(zero, tmp_path, spec(tmp_path / "zero", 1))
+    assert [row["groups/trained"] for row in first] == [2.0]  # process 0's share of the 4 groups
+    start, plain_step1 = _weights(tiny_checkpoint), _weights(tmp_path / "one" / "checkpoints" / "step-1" / "model")
+    assert max(float((plain_step1[k] - start[k]).abs().max()) for k in start) > 1e-3
+    zero_step1 = _weights(tmp_path / "zero" / "checkpoints" / "step-1" / "model")
+    for name, tensor in plain_step1.items():
+        torch.testing.assert_close(zero_step1[name], tensor, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"step 1, {name}: {m}")
+    second = _launch(zero, tmp_path, spec(tmp_path / "zero", 2))
+    assert [row["step"] for row in second] == [1, 2]  # the resumed launch appended step 2 only
+    plain_final, zero_final = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "zero" / "final")
+    for name, tensor in plain_final.items():
+        torch.testing.assert_close(zero_final[name], tensor, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"step 2, {name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_zero3_bf16_on_two_gpus_raises_reward(sft_model, tasks_dir, tmp_path):
+    """The learning run of test_grpo_raises_reward_native (16 pool problems × G=8, math reward, 24 steps) under
+    ZeRO-3 with bf16 on 2 GPUs, as recipes/deepseek-v2-lite/grpo_stage1.yaml runs (model.dtype bfloat16, the
+    engine on its own bf16 copy synced from the gathered policy each step; a native engine stands in for vLLM,
+    which the GPU machine lacks): the mean training reward of the last 6 steps beats the first 6."""
+    cmd = _two_gpu_launch(tmp_path, 3, "bf16")
+    spec = _spec(sft_model, tasks_dir, tmp_path / "run", prompts_per_step=POOL, group_size=8, micro_batch_size=64,
+                 max_steps=LEARNING_STEPS, max_new_tokens=40, learning_rate=3e-4, beta=0.04, seed_per_group=False,
+                 save_every=0, seed=0)
+    spec.update(data={"max_train_samples": POOL}, model_options={"dtype": "bfloat16"},
+                rollout={"backend": "native", "model": str(sft_model[0]), "dtype": "bfloat16", "max_model_len": 256})
+    rows = [row for row in _launch(cmd, tmp_path, spec) if "reward/mean" in row]
+    rewards = [row["reward/mean"] for row in rows]
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    print(f"ZeRO-3 bf16, 2 GPUs: train reward {first:.3f} -> {last:.3f}:", [round(r, 3) for r in rewards])
+    assert len(rows) == LEARNING_STEPS
+    assert last >= first + 0.08
 
 
 def test_a_reward_column_missing_from_the_prompts_fails_before_any_rollout(tasks_dir, tmp_path):

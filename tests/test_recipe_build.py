@@ -456,3 +456,27 @@ def test_grpo_zero3_frozen_reference_is_not_a_deep_copy(stand_ins, tmp_path, mon
         with pytest.raises(ValueError, match=r"frozen_copy under ZeRO-3.*ref_model.*beta=0.*disable_adapter"):
             GRPOTrainer(model, tokenizer, datasets.Dataset.from_list([{"prompt": "1 + 1"}]), None,
                         GRPOConfig(beta=0.04), RolloutConfig(backend="native"), tmp_path, accelerator=accelerator)
+
+
+def test_zero3_rollout_copy_and_reward_model_load_whole(stand_ins, monkeypatch):
+    """Under a ZeRO-3 launch the policy loads partitioned, but the native engine's own copy (rollout.model) and a
+    stage-2 reward model load whole in every process: each process samples and scores its own groups, which a
+    partitioned model (collective forwards, empty local shards) cannot do. Seen on 2 GPUs: the engine copy came
+    out partitioned and the first weight sync failed on its (0,)-shaped parameters."""
+    from alignment.grpo.trainer import make_accelerator
+    from alignment.sft import ModelConfig, build_deepseek, load_tokenizer
+    from rewards.model_reward import load_reward_model
+    from rollout import RolloutConfig, build_engine
+
+    model_cfg = ModelConfig(name_or_path=str(stand_ins.lm), dtype="bfloat16")
+    with deepspeed_launch_env(launch_config(ROOT / "recipes" / "deepseek-v2-lite" / "grpo_stage1.yaml"), monkeypatch):
+        make_accelerator()
+        tokenizer = load_tokenizer(model_cfg)
+        policy = build_deepseek(model_cfg, tokenizer, 0)
+        engine = build_engine(RolloutConfig(backend="native", model=str(stand_ins.lm), dtype="bfloat16", device="cpu"),
+                              tokenizer=tokenizer)
+        scorer = load_reward_model(stand_ins.rm)
+    assert all(hasattr(p, "ds_id") for p in policy.parameters())
+    for model in (engine.model, scorer):
+        assert not any(hasattr(p, "ds_id") for p in model.parameters())
+        assert all(p.numel() > 0 for p in model.parameters())

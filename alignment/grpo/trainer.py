@@ -135,6 +135,8 @@ class GRPOTrainer:
                         "reference=disable_adapter")
                 ref = ref_model if ref_model is not None else copy.deepcopy(model)
                 ref.eval().requires_grad_(False)
+                if not zero.is_partitioned(ref):  # ZeRO-3's partitioned reference gets its own engine below
+                    ref.to(self.accelerator.device)  # the copy was taken before `prepare` moved the policy
                 self.ref_policy = PolicyLogprobs(ref, config.temperature, config.logprob_chunk_size)
         self.model = model
         self.model.train()
