@@ -1,28 +1,35 @@
 """Exploratory: a warp-specialized Hopper grouped GEMM in Gluon for the MoE hidden-grad product (GPU, bf16).
 
-    python benchmarks/gluon_grouped_gemm.py [--n 4096] [--configs 128x64x5,pp128x64x5] [--check-only]
+    python benchmarks/gluon_grouped_gemm.py [--n 4096] [--configs pp128x64x5,pp128x64x5x] [--check-only|--profile]
 
     z_p = dout_p @ Wd[e]   for every padded row p of expert e   (z [P, F], dout [P, D], Wd [E, D, F])
 
 the product `_moe_hidden_grad_kernel` computes in model/kernels/moe.py, over the same routing metadata (the
 row-block table block_3Mb: expert, first padded row, rows = BLOCK_M or BLOCK_M / 2 per slot). Not wired into
-the model: ~10% faster than the Triton kernel on this GEMM, ~1% of a step (benchmarks/README.md, "Gluon
+the model: 10-15% faster than the Triton kernel on this GEMM, ~1% of a step (benchmarks/README.md, "Gluon
 warp-specialized grouped GEMM"). Each config runs beside the committed Triton kernel and cuBLAS (bmm over 64
 equal groups, dense) in one process, two rounds, do_bench medians; rel.err against an fp32 torch reference per
-expert on NaN-poisoned outputs.
+expert on NaN-poisoned outputs. --profile launches each kernel once between cudaProfilerStart/Stop, for
+`ncu --profile-from-start off`.
 
-Two kernels (Triton 3.6's `triton.experimental.gluon`, names as that version ships them); both run a persistent
+Three kernels (Triton 3.6's `triton.experimental.gluon`, names as that version ships them); all run a persistent
 grid of one program per SM that walks the (row block, column tile) list in moe.py's GROUP_M order, skipping unused
-slots (expert −1), with a 1-warp TMA producer filling a STAGES-deep shared-memory ring of dout [BM, BK] and weight
+slots (expert −1), with a TMA producer filling a STAGES-deep shared-memory ring of dout [BM, BK] and weight
 [BK, BN] tiles, each stage guarded by a `ready` mbarrier (TMA byte count) and an `empty` mbarrier (released once
-the wgmma reading it has retired):
-  * `gluon_hidden_grad_kernel` (config BNxBKxSTAGES): the default partition is 8 warps = two consumer
-    warpgroups of 64 rows on one BM x BN tile; async `warpgroup_mma`, one group in flight; epilogue bf16 →
-    shared memory → TMA store in two 64-row halves (the second skipped for a half block, whose next 64 rows
-    belong to the next expert). The producer runs ahead into the next tile while the consumers store.
-  * `gluon_hidden_grad_pingpong_kernel` (config ppBNxBKxSTAGES): two 4-warp consumer warpgroups, each owning
-    whole 128 x BN tiles, alternate tiles (turn barriers keep their main loops in order), so one's epilogue
-    overlaps the other's main loop; the producer is the 4-warp default partition.
+the wgmma reading it has retired). Configs are '[pp|sp]BNxBKxSTAGES' plus options (`parse_config`):
+  * `gluon_hidden_grad_kernel` (BNxBKxSTAGES): the default partition is 8 warps = two consumer warpgroups of
+    64 rows on one BM x BN tile; async `warpgroup_mma`, one group in flight; epilogue bf16 → shared memory → TMA
+    store in two 64-row halves (the second skipped for a half block, whose next 64 rows belong to the next
+    expert). The producer (1 warp) runs ahead into the next tile while the consumers store.
+  * `gluon_hidden_grad_pingpong_kernel` (pp...): two 4-warp consumer warpgroups, each owning whole 128 x BN
+    tiles, alternate tiles (turn barriers keep their main loops in order), so one's epilogue overlaps the other's
+    main loop; the producer is the 4-warp default partition. Options: eEPI_N (epilogue in EPI_N-column pieces
+    through a [128, EPI_N] buffer per consumer), h (a half block as a 64-row tile: 64-row A load and wgmmas),
+    x (the host tile list of `expert_tile_order`: one expert after another instead of GROUP_M).
+  * `gluon_hidden_grad_split_kernel` (sp...): the two consumer warpgroups as separate 4-warp partitions on one
+    BM x BN tile, 64 rows each (a half block's second warpgroup only passes its slots on; with F % BN == BN / 2
+    the last column tile runs BN / 2 wide wgmmas), epilogue in EPI_N-column pieces through NBUF buffers per
+    warpgroup (eEPI_N, bNBUF), so 128 x 256 x 64 tiles get a 4-stage ring.
 Weights go through a 2-D descriptor over Wd viewed as [E·D, F]: D % BK == 0, so a K tile never crosses into
 the next expert; columns past F are zero-filled on load and clipped on store.
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -55,6 +63,17 @@ def _tile_of(t, n_mb, n_n, GROUP_M: gl.constexpr):
     first_m = (t // width) * GROUP_M
     size_m = gl.minimum(n_mb - first_m, GROUP_M)
     return first_m + (t % width) % size_m, (t % width) // size_m
+
+
+@gluon.jit
+def _pp_tile(t, order_ptr, n_mb, N_COLS: gl.constexpr, GROUP_M: gl.constexpr, ORDERED: gl.constexpr):
+    """Tile t → (row block, column tile): from the host's tile list (m·N_COLS + n) when ORDERED, else
+    `_tile_of`'s GROUP_M order."""
+    if ORDERED:
+        code = gl.load(order_ptr + t)
+        return code // N_COLS, code % N_COLS
+    else:
+        return _tile_of(t, n_mb, N_COLS, GROUP_M)
 
 
 @gluon.jit
@@ -146,73 +165,143 @@ def gluon_hidden_grad_kernel(a_desc, b_desc, c_desc, block_ptr, n_mb, K,
 
 
 @gluon.jit
-def _pp_producer(a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars,
-                 n_mb, K,
+def _pp_producer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs, c_bufs,
+                 ready_bars, empty_bars, turn_bars, n_mb, K,
                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                 GROUP_M: gl.constexpr, N_COLS: gl.constexpr, ROLE: gl.constexpr):
-    _producer(a_desc, b_desc, block_ptr, a_bufs, b_bufs, ready_bars, empty_bars, n_mb, K, BN, BK, STAGES, GROUP_M,
-              N_COLS)
+                 GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EPI_N: gl.constexpr,
+                 ORDERED: gl.constexpr, ROLE: gl.constexpr):
+    """TMA producer of the ping-pong kernel: as `_producer`, but with HALF_ROWS a half block's A tiles are
+    loaded as their 64 rows only (into the first half of the slot; the ready barrier expects those bytes)."""
+    full_bytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    half_bytes: gl.constexpr = a_half_desc.block_type.nbytes + b_desc.block_type.nbytes
+    HALF_LIM: gl.constexpr = BM // 2 if HALF_ROWS else 0  # rows <= HALF_LIM: a half block run as one
+    it = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        pid_m, pid_n = _pp_tile(t, order_ptr, n_mb, N_COLS, GROUP_M, ORDERED)
+        e = gl.load(block_ptr + pid_m)
+        if e >= 0:
+            p0 = gl.load(block_ptr + n_mb + pid_m)
+            half = gl.load(block_ptr + 2 * n_mb + pid_m) <= HALF_LIM
+            for k0 in range(0, K, BK):
+                s = it % STAGES
+                mbarrier.wait(empty_bars.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass parity 1
+                if half:
+                    mbarrier.expect(ready_bars.index(s), half_bytes)
+                    tma.async_copy_global_to_shared(a_half_desc, [p0, k0], ready_bars.index(s),
+                                                    a_bufs.index(s).slice(0, BM // 2))
+                else:
+                    mbarrier.expect(ready_bars.index(s), full_bytes)
+                    tma.async_copy_global_to_shared(a_desc, [p0, k0], ready_bars.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [e * K + k0, pid_n * BN], ready_bars.index(s),
+                                                b_bufs.index(s))
+                it += 1
 
 
 @gluon.jit
-def _pp_consumer(a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars,
-                 n_mb, K,
+def _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, k_steps, ROWS: gl.constexpr, BN: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """acc [ROWS, BN] over the next k_steps ring slots (the first ROWS rows of each A slot), one wgmma group in
+    flight; every slot but the last is released as soon as the wgmma reading it has retired."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 16])
+    acc = gl.zeros([ROWS, BN], gl.float32, acc_layout)
+    prev = 0
+    for kk in range(k_steps):
+        s = it % STAGES
+        mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)
+        a = a_bufs.index(s)
+        if ROWS < a.shape[0]:
+            a = a.slice(0, ROWS)
+        acc = warpgroup_mma(a, b_bufs.index(s), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        mbarrier.arrive(empty_bars.index(prev), pred=kk > 0)
+        prev = s
+        it += 1
+    return acc, prev, it
+
+
+@gluon.jit
+def _pp_store_piece(c_desc, c_smem, x, p0, n0, rows):
+    """x [R, EPI_N] → c_smem → TMA store in 64-row halves (the second only if the block has its rows)."""
+    R: gl.constexpr = x.shape[0]
+    HALF: gl.constexpr = c_desc.block_type.shape[0]
+    tma.store_wait(0)  # the previous store has finished reading c_smem
+    if R < c_smem.shape[0]:
+        c_smem.slice(0, R).store(x.to(c_desc.dtype))
+    else:
+        c_smem.store(x.to(c_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(c_desc, [p0, n0], c_smem.slice(0, HALF))
+    if R > HALF:
+        if rows > HALF:
+            tma.async_copy_shared_to_global(c_desc, [p0 + HALF, n0], c_smem.slice(HALF, HALF))
+
+
+@gluon.jit
+def _pp_store(c_desc, c_smem, acc, p0, n0, rows, EPI_N: gl.constexpr):
+    """acc [R, W] → z[p0 :, n0 : n0 + W] in pieces of EPI_N columns (W / EPI_N in 1, 2)."""
+    if acc.shape[1] == EPI_N:
+        _pp_store_piece(c_desc, c_smem, acc, p0, n0, rows)
+    else:
+        lo, hi = _col_halves(acc)
+        _pp_store_piece(c_desc, c_smem, lo, p0, n0, rows)
+        _pp_store_piece(c_desc, c_smem, hi, p0, n0 + EPI_N, rows)
+
+
+@gluon.jit
+def _pp_consumer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs, c_bufs,
+                 ready_bars, empty_bars, turn_bars, n_mb, K,
                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                 GROUP_M: gl.constexpr, N_COLS: gl.constexpr, ROLE: gl.constexpr):
+                 GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EPI_N: gl.constexpr,
+                 ORDERED: gl.constexpr, ROLE: gl.constexpr):
     """Ping-pong consumer: one warpgroup owns a whole BM x BN tile; the two consumers take alternate used tiles,
     so one's epilogue overlaps the other's main loop. Ring slots of the other consumer's tiles are skipped by
     counting (every used tile takes K / BK slots). The consumers take turns through turn_bars: a consumer starts
     its main loop only after the other has waited on all the slots of its tile, so a ready barrier is never more
     than one phase behind the parity a consumer waits for (without the turns, consumer 1 waited on slots several
-    phases ahead, took a stale phase of the same parity as ready, and the kernel faulted)."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BN, 16])
-    HALF: gl.constexpr = BM // 2
+    phases ahead, took a stale phase of the same parity as ready, and the kernel faulted). With HALF_ROWS a half
+    block runs 64-row wgmmas (acc [64, BN]) instead of computing the next expert's rows."""
+    HALF_LIM: gl.constexpr = BM // 2 if HALF_ROWS else 0
     c_smem = c_bufs.index(ROLE)
-    n_tiles = n_mb * N_COLS
     k_steps = K // BK
     j = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        pid_m, pid_n = _tile_of(t, n_mb, N_COLS, GROUP_M)
+        pid_m, pid_n = _pp_tile(t, order_ptr, n_mb, N_COLS, GROUP_M, ORDERED)
         e = gl.load(block_ptr + pid_m)
         if e >= 0:
             if j % 2 == ROLE:
                 mbarrier.wait(turn_bars.index(ROLE), ((j // 2) & 1) ^ (1 - ROLE))  # consumer 0 passes at once
                 p0 = gl.load(block_ptr + n_mb + pid_m)
                 rows = gl.load(block_ptr + 2 * n_mb + pid_m)
-                acc = gl.zeros([BM, BN], gl.float32, acc_layout)
-                it = j * k_steps
-                prev = 0
-                for kk in range(k_steps):
-                    s = it % STAGES
-                    mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)
-                    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, is_async=True)
-                    acc = warpgroup_mma_wait(1, deps=[acc])
-                    mbarrier.arrive(empty_bars.index(prev), pred=kk > 0)
-                    prev = s
-                    it += 1
-                mbarrier.arrive(turn_bars.index(1 - ROLE))  # all this tile's slots waited on: the other's turn
-                acc = warpgroup_mma_wait(0, deps=[acc])
-                mbarrier.arrive(empty_bars.index(prev))
-                tma.store_wait(0)
-                c_smem.store(acc.to(c_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [p0, pid_n * BN], c_smem.slice(0, HALF))
-                if rows > HALF:
-                    tma.async_copy_shared_to_global(c_desc, [p0 + HALF, pid_n * BN], c_smem.slice(HALF, HALF))
+                if rows <= HALF_LIM:
+                    acc_h, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
+                                                   BM // 2, BN, STAGES)  # (own name: branches merge by name)
+                    mbarrier.arrive(turn_bars.index(1 - ROLE))  # all this tile's slots waited on: the other's turn
+                    acc_h = warpgroup_mma_wait(0, deps=[acc_h])
+                    mbarrier.arrive(empty_bars.index(prev))
+                    _pp_store(c_desc, c_smem, acc_h, p0, pid_n * BN, rows, EPI_N)
+                else:
+                    acc, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
+                                                 BM, BN, STAGES)
+                    mbarrier.arrive(turn_bars.index(1 - ROLE))
+                    acc = warpgroup_mma_wait(0, deps=[acc])
+                    mbarrier.arrive(empty_bars.index(prev))
+                    _pp_store(c_desc, c_smem, acc, p0, pid_n * BN, rows, EPI_N)
             j += 1
     tma.store_wait(0)
 
 
 @gluon.jit
-def gluon_hidden_grad_pingpong_kernel(a_desc, b_desc, c_desc, block_ptr, n_mb, K,
+def gluon_hidden_grad_pingpong_kernel(a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, n_mb, K,
                                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                                      GROUP_M: gl.constexpr, N_COLS: gl.constexpr):
+                                      GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr,
+                                      EPI_N: gl.constexpr, ORDERED: gl.constexpr):
     """As `gluon_hidden_grad_kernel`, with two ping-pong consumer warpgroups (4-warp workers, 232 registers) and
-    the TMA producer as the default partition (num_warps=4)."""
+    the TMA producer as the default partition (num_warps=4). Epilogue buffer per consumer [BM, EPI_N]: EPI_N =
+    BN / 2 frees 32 KB at 128 x 128 tiles, room for a sixth ring stage."""
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BN], b_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, BN], c_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, EPI_N], c_desc.layout)
     ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -224,56 +313,266 @@ def gluon_hidden_grad_pingpong_kernel(a_desc, b_desc, c_desc, block_ptr, n_mb, K
     fence_async_shared()
     # default partition (num_warps=4) = the TMA producer; both consumers are 4-warp workers.
     gl.warp_specialize([
-        (_pp_producer, (a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars,
-                        n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS, 0)),
-        (_pp_consumer, (a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars,
-                        n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS, 0)),
-        (_pp_consumer, (a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars,
-                        n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS, 1)),
+        (_pp_producer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs,
+                        c_bufs, ready_bars, empty_bars, turn_bars, n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS,
+                        HALF_ROWS, EPI_N, ORDERED, 0)),
+        (_pp_consumer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs,
+                        c_bufs, ready_bars, empty_bars, turn_bars, n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS,
+                        HALF_ROWS, EPI_N, ORDERED, 0)),
+        (_pp_consumer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs,
+                        c_bufs, ready_bars, empty_bars, turn_bars, n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS,
+                        HALF_ROWS, EPI_N, ORDERED, 1)),
     ], [4, 4], [232, 232])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready_bars.index(i))
         mbarrier.invalidate(empty_bars.index(i))
 
 
-def descriptors(dout_PD, wd_EDF, z_PF, BM, BN, BK):
+@gluon.jit
+def _split_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, K,
+                    HALF: gl.constexpr, W: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                    ROLE: gl.constexpr):
+    """acc [HALF, W] = this warpgroup's HALF rows of the A tiles @ the first W columns of the B tiles, over the
+    next K / BK ring slots; every slot is released (empty arrive) once the wgmma reading it has retired."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, W, 16])
+    acc = gl.zeros([HALF, W], gl.float32, acc_layout)
+    prev = 0
+    for k0 in range(0, K, BK):
+        s = it % STAGES
+        mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)
+        a = a_bufs.index(s).slice(ROLE * HALF, HALF, dim=0)
+        b = b_bufs.index(s)
+        if W < b.shape[1]:
+            b = b.slice(0, W, dim=1)
+        acc = warpgroup_mma(a, b, acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        mbarrier.arrive(empty_bars.index(prev), pred=k0 > 0)
+        prev = s
+        it += 1
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(empty_bars.index(prev))
+    return acc, it
+
+
+@gluon.jit
+def _col_halves(x):
+    """[R, W] register tensor → its column halves [R, W/2] (a register split: the column bit W/2 is a register
+    bit of the wgmma accumulator layout, so no data moves)."""
+    R: gl.constexpr = x.shape[0]
+    W: gl.constexpr = x.shape[1]
+    return x.reshape([R, 2, W // 2]).permute(0, 2, 1).split()
+
+
+@gluon.jit
+def _store_piece(c_desc, c_bufs, x, r0, n0, J: gl.constexpr, NBUF: gl.constexpr, ROLE: gl.constexpr):
+    """Piece J of a tile → this warpgroup's buffer c_bufs[ROLE·NBUF + J % NBUF] → TMA store. Each piece is one
+    bulk group, so waiting until at most NBUF − 1 are pending frees the buffer this piece reuses."""
+    buf = c_bufs.index(ROLE * NBUF + J % NBUF)  # (index, not a slice of c_bufs: slicing a 3-D buffer asserts)
+    tma.store_wait(NBUF - 1)
+    buf.store(x.to(c_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(c_desc, [r0, n0], buf)
+
+
+@gluon.jit
+def _store_acc(c_desc, c_bufs, acc, r0, n0, EPI_N: gl.constexpr, NBUF: gl.constexpr, ROLE: gl.constexpr):
+    """acc [HALF, W] → z[r0 :, n0 : n0 + W] in W / EPI_N column pieces of EPI_N (W / EPI_N in 1, 2, 4)."""
+    W: gl.constexpr = acc.shape[1]
+    if W == EPI_N:
+        _store_piece(c_desc, c_bufs, acc, r0, n0, 0, NBUF, ROLE)
+    elif W == 2 * EPI_N:
+        lo, hi = _col_halves(acc)
+        _store_piece(c_desc, c_bufs, lo, r0, n0, 0, NBUF, ROLE)
+        _store_piece(c_desc, c_bufs, hi, r0, n0 + EPI_N, 1, NBUF, ROLE)
+    else:
+        lo, hi = _col_halves(acc)
+        q0, q1 = _col_halves(lo)
+        q2, q3 = _col_halves(hi)
+        _store_piece(c_desc, c_bufs, q0, r0, n0, 0, NBUF, ROLE)
+        _store_piece(c_desc, c_bufs, q1, r0, n0 + EPI_N, 1, NBUF, ROLE)
+        _store_piece(c_desc, c_bufs, q2, r0, n0 + 2 * EPI_N, 2, NBUF, ROLE)
+        _store_piece(c_desc, c_bufs, q3, r0, n0 + 3 * EPI_N, 3, NBUF, ROLE)
+
+
+@gluon.jit
+def _split_tile(a_bufs, b_bufs, c_desc, c_bufs, ready_bars, empty_bars, it, K, r0, n0, W,
+                HALF: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, EPI_N: gl.constexpr,
+                NBUF: gl.constexpr, ROLE: gl.constexpr, HALF_LAST: gl.constexpr):
+    """One warpgroup's HALF x W part of a tile (W = BN, or BN / 2 on the last column tile when HALF_LAST)."""
+    if HALF_LAST:
+        if W < BN:
+            acc_h, it = _split_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, K, HALF, BN // 2, BK, STAGES,
+                                        ROLE)  # (a name of its own: branches merge variables by name)
+            _store_acc(c_desc, c_bufs, acc_h, r0, n0, EPI_N, NBUF, ROLE)
+            return it
+    acc, it = _split_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, K, HALF, BN, BK, STAGES, ROLE)
+    _store_acc(c_desc, c_bufs, acc, r0, n0, EPI_N, NBUF, ROLE)
+    return it
+
+
+@gluon.jit
+def _split_consumer(a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, n_mb, K,
+                    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                    GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_LAST: gl.constexpr, EPI_N: gl.constexpr,
+                    NBUF: gl.constexpr, ROLE: gl.constexpr):
+    """Row half ROLE (64 rows) of every BM x BN tile. On a half block the second warpgroup only passes its ring
+    slots on (its rows belong to the next expert); on the last column tile with HALF_LAST (F % BN == BN / 2) both
+    run BN / 2 wide wgmmas over the first half of the B tile instead of computing zero-filled columns."""
+    HALF: gl.constexpr = BM // 2
+    n_tiles = n_mb * N_COLS
+    it = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        pid_m, pid_n = _tile_of(t, n_mb, N_COLS, GROUP_M)
+        e = gl.load(block_ptr + pid_m)
+        if e >= 0:
+            p0 = gl.load(block_ptr + n_mb + pid_m)
+            rows = gl.load(block_ptr + 2 * n_mb + pid_m)
+            r0 = p0 + ROLE * HALF
+            if rows > ROLE * HALF:  # this warpgroup's first row lies in the block
+                W = BN
+                if HALF_LAST:
+                    if pid_n == N_COLS - 1:
+                        W = BN // 2
+                it = _split_tile(a_bufs, b_bufs, c_desc, c_bufs, ready_bars, empty_bars, it, K, r0, pid_n * BN, W,
+                                 HALF, BN, BK, STAGES, EPI_N, NBUF, ROLE, HALF_LAST)
+            else:
+                for _ in range(K // BK):
+                    s = it % STAGES
+                    mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)  # filled this ring cycle, then
+                    mbarrier.arrive(empty_bars.index(s))                    # released: never a phase ahead
+                    it += 1
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _split_producer(a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, n_mb, K,
+                    BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                    GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_LAST: gl.constexpr, EPI_N: gl.constexpr,
+                    NBUF: gl.constexpr, ROLE: gl.constexpr):
+    _producer(a_desc, b_desc, block_ptr, a_bufs, b_bufs, ready_bars, empty_bars, n_mb, K, BN, BK, STAGES, GROUP_M,
+              N_COLS)
+
+
+@gluon.jit
+def gluon_hidden_grad_split_kernel(a_desc, b_desc, c_desc, block_ptr, n_mb, K,
+                                   BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                                   GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_LAST: gl.constexpr,
+                                   EPI_N: gl.constexpr, NBUF: gl.constexpr):
+    """As `gluon_hidden_grad_kernel`, with the two consumer warpgroups as separate 4-warp partitions, each owning
+    64 rows of the BM x BN tile (acc [64, BN]: 128 registers at BN = 256), so that one can skip a half block's
+    second half and the epilogue goes out in EPI_N-column pieces through NBUF small buffers per warpgroup
+    (2 x NBUF x 64 x EPI_N x 2 bytes instead of BM x BN x 2): at 128 x 256 x 64 this leaves room for a 4-stage
+    ring (4 x 48 KB). A ring slot is free once both consumers have released it (empty count 2)."""
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BN], b_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2 * NBUF, BM // 2, EPI_N], c_desc.layout)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_split_producer, (a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, n_mb,
+                           K, BM, BN, BK, STAGES, GROUP_M, N_COLS, HALF_LAST, EPI_N, NBUF, 0)),
+        (_split_consumer, (a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, n_mb,
+                           K, BM, BN, BK, STAGES, GROUP_M, N_COLS, HALF_LAST, EPI_N, NBUF, 0)),
+        (_split_consumer, (a_desc, b_desc, c_desc, block_ptr, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, n_mb,
+                           K, BM, BN, BK, STAGES, GROUP_M, N_COLS, HALF_LAST, EPI_N, NBUF, 1)),
+    ], [4, 4], [232, 232])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready_bars.index(i))
+        mbarrier.invalidate(empty_bars.index(i))
+
+
+def descriptors(dout_PD, wd_EDF, z_PF, BM, BN, BK, EPI_N=None):
+    EPI_N = EPI_N or BN
     E, D, F = wd_EDF.shape
     bf = gl.bfloat16 if dout_PD.dtype == torch.bfloat16 else gl.float16
     a_layout = gl.NVMMASharedLayout.get_default_for([BM, BK], bf)
     b_layout = gl.NVMMASharedLayout.get_default_for([BK, BN], bf)
-    c_layout = gl.NVMMASharedLayout.get_default_for([BM // 2, BN], bf)
+    c_layout = gl.NVMMASharedLayout.get_default_for([BM // 2, EPI_N], bf)
     a = TensorDescriptor.from_tensor(dout_PD, [BM, BK], a_layout)
     b = TensorDescriptor.from_tensor(wd_EDF.view(E * D, F), [BK, BN], b_layout)
-    c = TensorDescriptor.from_tensor(z_PF, [BM // 2, BN], c_layout)
+    c = TensorDescriptor.from_tensor(z_PF, [BM // 2, EPI_N], c_layout)
     return a, b, c
 
 
 def gluon_hidden_grad(dout_PD, wd_EDF, block_3Mb, z_PF, BN=256, BK=64, STAGES=3, GROUP_M=8, n_sm=None,
-                      pingpong=False):
+                      pingpong=False, split=False, EPI_N=None, NBUF=1, half_rows=False, order=None):
     E, D, F = wd_EDF.shape
     BM = 128
     assert D % BK == 0
     n_mb = block_3Mb.shape[1]
-    a, b, c = descriptors(dout_PD, wd_EDF, z_PF, BM, BN, BK)
+    EPI_N = EPI_N or BN
+    a, b, c = descriptors(dout_PD, wd_EDF, z_PF, BM, BN, BK, EPI_N)
     n_sm = n_sm or torch.cuda.get_device_properties(dout_PD.device).multi_processor_count
     n_tiles = n_mb * triton.cdiv(F, BN)
     grid = (min(n_sm, n_tiles),)
-    if pingpong:
-        gluon_hidden_grad_pingpong_kernel[grid](a, b, c, block_3Mb, n_mb, D, BM=BM, BN=BN, BK=BK, STAGES=STAGES,
-                                                GROUP_M=GROUP_M, N_COLS=triton.cdiv(F, BN), num_warps=4,
-                                                maxnreg=168)
+    if split:
+        half_last = F % BN == BN // 2
+        for w in (BN, BN // 2) if half_last else (BN,):  # pieces per tile: 1, 2 or 4, a multiple of NBUF
+            assert w // EPI_N in (1, 2, 4) and (w // EPI_N) % NBUF == 0, (w, EPI_N, NBUF)
+        gluon_hidden_grad_split_kernel[grid](a, b, c, block_3Mb, n_mb, D, BM=BM, BN=BN, BK=BK, STAGES=STAGES,
+                                             GROUP_M=GROUP_M, N_COLS=triton.cdiv(F, BN), HALF_LAST=half_last,
+                                             EPI_N=EPI_N, NBUF=NBUF, num_warps=4, maxnreg=168)
+    elif pingpong:
+        assert BN // EPI_N in (1, 2), (BN, EPI_N)
+        bf = gl.bfloat16 if dout_PD.dtype == torch.bfloat16 else gl.float16
+        a_half = TensorDescriptor.from_tensor(dout_PD, [BM // 2, BK],
+                                              gl.NVMMASharedLayout.get_default_for([BM // 2, BK], bf))
+        n_list = n_tiles if order is None else order.numel()
+        gluon_hidden_grad_pingpong_kernel[(min(n_sm, n_list),)](
+            a, a_half, b, c, block_3Mb, block_3Mb if order is None else order, n_list, n_mb, D, BM=BM, BN=BN, BK=BK,
+            STAGES=STAGES, GROUP_M=GROUP_M, N_COLS=triton.cdiv(F, BN), HALF_ROWS=half_rows, EPI_N=EPI_N,
+            ORDERED=order is not None, num_warps=4, maxnreg=168)
     else:
+        assert EPI_N == BN
         gluon_hidden_grad_kernel[grid](a, b, c, block_3Mb, n_mb, D, BM=BM, BN=BN, BK=BK, STAGES=STAGES,
                                        GROUP_M=GROUP_M, N_COLS=triton.cdiv(F, BN), num_warps=8, maxnreg=168)
     return z_PF
 
 
+def expert_tile_order(block_3Mb, n_cols):
+    """Host tile list (m·n_cols + n, int32) that walks the experts one after another, each expert's column tiles
+    outer and its row blocks inner, so the row blocks sharing a weight tile sit in one wave and an expert's
+    dout rows are reused across its column tiles while they are in L2; unused slots are left out."""
+    expert = block_3Mb[0].tolist()
+    runs = []  # [first slot, end slot) per expert
+    for m, e in enumerate(expert):
+        if e < 0:
+            continue
+        if runs and expert[runs[-1][0]] == e and runs[-1][1] == m:
+            runs[-1][1] = m + 1
+        else:
+            runs.append([m, m + 1])
+    codes = [m * n_cols + n for m0, m1 in runs for n in range(n_cols) for m in range(m0, m1)]
+    return torch.tensor(codes, dtype=torch.int32, device=block_3Mb.device)
+
+
 # ----------------------------------------------------------------------------------------------- benchmark
+def parse_config(cfg):
+    """'[pp|sp]BNxBKxSTAGES' + options in any order: eEPI_N, bNBUF, gGROUP_M, h, x → dict of gluon_hidden_grad's
+    keywords (x: expert_order). Kinds: '' the cooperative kernel (8-warp consumer), 'pp' ping-pong, 'sp' split
+    consumers; EPI_N columns per epilogue piece (sp, pp), NBUF epilogue buffers per warpgroup (sp), h: half
+    blocks as 64-row tiles (pp; sp always), x: the host tile list of `expert_tile_order` (pp)."""
+    m = re.fullmatch(r"(pp|sp)?(\d+)x(\d+)x(\d+)((?:[ebg]\d+|[hx])*)", cfg)
+    if m is None:
+        raise ValueError(f"bad config {cfg!r}")
+    opt = dict(re.findall(r"([ebg])(\d+)", m[5]))
+    return dict(BN=int(m[2]), BK=int(m[3]), STAGES=int(m[4]), pingpong=m[1] == "pp", split=m[1] == "sp",
+                EPI_N=int(opt.get("e", m[2])), NBUF=int(opt.get("b", 1)), GROUP_M=int(opt.get("g", 8)),
+                half_rows="h" in m[5], expert_order="x" in m[5])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--configs", default="128x64x5,pp128x64x5")  # [pp]BNxBKxSTAGES; pp = ping-pong
+    parser.add_argument("--configs", default="pp128x64x5,pp128x64x5x")  # see parse_config
     parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="one launch of each kernel between "
+                        "cudaProfilerStart/Stop, no timing (for ncu --profile-from-start off)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
@@ -306,20 +605,34 @@ def main():
     dense, bmm = dense_launches(n)
     rows = [("triton (moe.py)", tri["hidden grad"], err_tri)]
     for cfg in args.configs.split(","):
-        pp = cfg.startswith("pp")
-        BN, BK, S = (int(v) for v in cfg.removeprefix("pp").split("x"))
+        kw = parse_config(cfg)
+        if kw.pop("expert_order"):
+            kw["order"] = expert_tile_order(block, triton.cdiv(F, kw["BN"]))
         z = torch.full_like(T["z_PF"], float("nan"))
-        fn = (lambda BN=BN, BK=BK, S=S, z=z, pp=pp: gluon_hidden_grad(dout_PD, wd, block, z, BN=BN, BK=BK,
-                                                                      STAGES=S, pingpong=pp))
+        fn = (lambda z=z, kw=kw: gluon_hidden_grad(dout_PD, wd, block, z, **kw))
         fn()
         torch.cuda.synchronize()
         err = ((z[:used].float() - z_ref).norm() / z_ref.norm()).item()  # nan if any used row is unwritten
-        rows.append((f"gluon{' ping-pong' if pp else ''} BN={BN} BK={BK} st={S}", fn, err))
+        rows.append((f"gluon {cfg}", fn, err))
+    if args.profile:  # one launch of each under the profiler (ncu: --profile-from-start off)
+        torch.cuda.cudart().cudaProfilerStart()
+        for _, fn, _ in rows:
+            fn()
+        bmm["hidden grad"]()
+        dense["hidden grad"]()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return
     print(f"N={n}: {used} padded rows, {block.shape[1]} row-block slots")
     if args.check_only:
         for name, _, err in rows:
             print(f"{name:34s} rel.err {err:.2e}")
         return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        bmm["hidden grad"]()
+        dense["hidden grad"]()
+        torch.cuda.synchronize()
+    print("cuBLAS kernels:", sorted({e.name for e in prof.events() if e.device_type.name == "CUDA"}))
     results = []
     for rnd in range(2):
         for name, fn, err in rows:
