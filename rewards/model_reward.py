@@ -46,6 +46,12 @@ def load_reward_model(path: str | Path, dtype: torch.dtype | None = None) -> tor
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto")
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            # transformers builds every model partitioned once a ZeRO-3 launch is active, with no switch to
+            # load one whole; a partitioned scorer holds empty shards and cannot score a process's own batch.
+            raise ValueError(f"reward model {path}: a transformers model loads partitioned (empty shards) under a "
+                             "DeepSpeed ZeRO-3 launch and cannot score each process's completions; under ZeRO-3 use a "
+                             "DeepSeek-V2 reward model of ours (loaded whole in every process), or launch with ZeRO-2")
     num_labels = getattr(model.config, "num_labels", None)
     if num_labels != 1:
         raise ValueError(f"reward model {path} has num_labels={num_labels}; a scalar reward model needs 1")

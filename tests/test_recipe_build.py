@@ -458,16 +458,23 @@ def test_grpo_zero3_frozen_reference_is_not_a_deep_copy(stand_ins, tmp_path, mon
                         GRPOConfig(beta=0.04), RolloutConfig(backend="native"), tmp_path, accelerator=accelerator)
 
 
-def test_zero3_rollout_copy_and_reward_model_load_whole(stand_ins, monkeypatch):
+def test_zero3_rollout_copy_and_reward_model_load_whole(stand_ins, tmp_path, monkeypatch):
     """Under a ZeRO-3 launch the policy loads partitioned, but the native engine's own copy (rollout.model) and a
-    stage-2 reward model load whole in every process: each process samples and scores its own groups, which a
-    partitioned model (collective forwards, empty local shards) cannot do. Seen on 2 GPUs: the engine copy came
-    out partitioned and the first weight sync failed on its (0,)-shaped parameters."""
+    stage-2 reward model of ours load whole in every process: each process samples and scores its own groups,
+    which a partitioned model (collective forwards, empty local shards) cannot do. Seen on 2 GPUs: the engine copy
+    came out partitioned and the first weight sync failed on its (0,)-shaped parameters. A transformers reward
+    model, which transformers always partitions there, is refused with the way out."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
     from alignment.grpo.trainer import make_accelerator
     from alignment.sft import ModelConfig, build_deepseek, load_tokenizer
     from rewards.model_reward import load_reward_model
     from rollout import RolloutConfig, build_engine
 
+    theirs = tmp_path / "llama_rm"  # a transformers reward model: transformers partitions it, with no way out
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+                                               pad_token_id=0)).save_pretrained(theirs)
     model_cfg = ModelConfig(name_or_path=str(stand_ins.lm), dtype="bfloat16")
     with deepspeed_launch_env(launch_config(ROOT / "recipes" / "deepseek-v2-lite" / "grpo_stage1.yaml"), monkeypatch):
         make_accelerator()
@@ -476,6 +483,8 @@ def test_zero3_rollout_copy_and_reward_model_load_whole(stand_ins, monkeypatch):
         engine = build_engine(RolloutConfig(backend="native", model=str(stand_ins.lm), dtype="bfloat16", device="cpu"),
                               tokenizer=tokenizer)
         scorer = load_reward_model(stand_ins.rm)
+        with pytest.raises(ValueError, match=r"llama_rm: a transformers model loads partitioned .* ZeRO-2"):
+            load_reward_model(theirs)
     assert all(hasattr(p, "ds_id") for p in policy.parameters())
     for model in (engine.model, scorer):
         assert not any(hasattr(p, "ds_id") for p in model.parameters())
