@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -491,13 +492,15 @@ def test_zero_step_matches_the_plain_path_and_resumes(stage, tiny_checkpoint, ta
         assert torch.equal(tensor, zero_final[name]), name
 
 
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2 or importlib.util.find_spec("deepspeed") is None,
+                              reason="needs 2 CUDA devices and deepspeed")
+"""Marks a test that launches 2 processes on 2 GPUs (skipped before its fixtures are built)."""
+
+
 def _two_gpu_launch(tmp_path, stage: int, mixed_precision: str) -> list[str]:
     """`accelerate launch` of recipes/accelerate/zero{stage}.yaml on 2 GPUs (one process each)."""
     import yaml
 
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA devices")
-    pytest.importorskip("deepspeed")
     config = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml").read_text())
     config.update(num_processes=2, mixed_precision=mixed_precision)
     path = tmp_path / f"zero{stage}-2gpu-{mixed_precision}.yaml"
@@ -516,6 +519,7 @@ def _launch(cmd, tmp_path, spec) -> list[dict]:
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@two_gpus
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_on_two_gpus_matches_one_gpu_and_resumes(stage, tiny_checkpoint, tasks_dir, tmp_path):
     """ZeRO-2 / ZeRO-3 over 2 GPUs (NCCL, one process each, fp32): each process trains its own 2 of the 4
@@ -554,6 +558,7 @@ def test_zero_on_two_gpus_matches_one_gpu_and_resumes(stage, tiny_checkpoint, ta
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@two_gpus
 def test_zero3_bf16_on_two_gpus_raises_reward(sft_model, tasks_dir, tmp_path):
     """The learning run of test_grpo_raises_reward_native (16 pool problems × G=8, math reward, 24 steps) under
     ZeRO-3 with bf16 on 2 GPUs, as recipes/deepseek-v2-lite/grpo_stage1.yaml runs (model.dtype bfloat16, the
