@@ -12,7 +12,11 @@ sample with every component present. A sample with no component present totals 0
 
 Normalisation per component, applied to the non-None values before weighting: `none`; `batch`
 (z-score over this batch); `running` (z-score with a running mean/std over every batch this
-pipeline has seen, this one included). A batch with zero spread normalises to 0.
+pipeline has seen, this one included). A batch with zero spread normalises to 0. When several
+processes each score their share of one batch (GRPO under DDP / DeepSpeed), `share_statistics`
+makes "this batch" the whole batch: the count, sum and sum of squares of every normalised
+component are summed over the processes (one collective per scored batch, which every process
+makes, also with nothing to normalise), so the totals do not depend on the number of processes.
 
 Failure isolation: each reward runs in its own daemon thread, all at once, each with its own
 deadline. A reward that raises, returns the wrong number of scores, or misses its deadline gives
@@ -29,7 +33,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -103,21 +107,29 @@ class RewardOutput:
 
 
 class _RunningMoments:
-    """Mean and variance over every value seen so far (Welford)."""
+    """Mean and variance over every value seen so far, merged batch by batch (Chan et al.'s update)."""
 
     def __init__(self) -> None:
         self.count, self.mean, self.sum_sq = 0, 0.0, 0.0
 
-    def update(self, values: Sequence[float]) -> None:
-        for value in values:
-            self.count += 1
-            delta = value - self.mean
-            self.mean += delta / self.count
-            self.sum_sq += delta * (value - self.mean)
+    def merge(self, count: float, mean: float, sum_sq: float) -> None:
+        """Add a batch of `count` values with this mean and Σ(v − mean)²."""
+        if count <= 0:
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.sum_sq += sum_sq + delta * delta * self.count * count / total
+        self.mean += delta * count / total
+        self.count = total
 
     @property
     def std(self) -> float:
         return math.sqrt(self.sum_sq / self.count) if self.count else 0.0
+
+
+def _moments(values: Sequence[float]) -> list[float]:
+    """[count, sum, sum of squares] of the values (what `share_statistics` sums over processes)."""
+    return [float(len(values)), math.fsum(values), math.fsum(v * v for v in values)]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -162,6 +174,12 @@ class RewardPipeline:
         }
         self._running = {spec.name: _RunningMoments() for spec in config.rewards}
         self.failures_total = {spec.name: 0 for spec in config.rewards}
+        self._sum_over_processes: Callable[[list[float]], list[float]] | None = None
+
+    def share_statistics(self, sum_over_processes: Callable[[list[float]], list[float]]) -> None:
+        """Normalise over the batch of all processes: `sum_over_processes(values)` returns the element-wise
+        sum of `values` over every process (a collective all of them call; module docstring)."""
+        self._sum_over_processes = sum_over_processes
 
     def check_columns(self, available: Sequence[str], source: str = "the dataset") -> None:
         """Raise before any work if a reward needs a column that `source` does not have at all (a column
@@ -219,26 +237,36 @@ class RewardPipeline:
         logger.warning("reward %r failed on a batch of %d (scored None): %r", name, batch_size, failure,
                        exc_info=failure if not isinstance(failure, TimeoutError) else None)
 
-    def normalized(self, name: str, scores: list[float | None]) -> list[float | None]:
-        """The component's scores after its configured normalisation (running stats are updated)."""
-        mode = next(spec.normalize for spec in self.config.rewards if spec.name == name)
-        present = [s for s in scores if s is not None]
-        if mode == "none" or not present:
-            return scores
-        if mode == "batch":
-            mean, std = _mean_std(present)
-        else:
-            running = self._running[name]
-            running.update(present)
-            mean, std = running.mean, running.std
-        if std < _NORMALIZE_EPS:
-            return [None if s is None else 0.0 for s in scores]
-        return [None if s is None else (s - mean) / std for s in scores]
+    def normalized(self, components: dict[str, list[float | None]]) -> dict[str, list[float | None]]:
+        """Each component's scores after its configured normalisation (running stats are updated), over this
+        process's batch or, after `share_statistics`, over every process's."""
+        modes = {spec.name: spec.normalize for spec in self.config.rewards}
+        names = [name for name in components if modes[name] != "none"]
+        moments = [m for name in names for m in _moments([s for s in components[name] if s is not None])]
+        if self._sum_over_processes is not None and names:
+            moments = self._sum_over_processes(moments)
+        out = dict(components)
+        for i, name in enumerate(names):
+            count, total, total_sq = moments[3 * i: 3 * i + 3]
+            if count == 0:
+                continue
+            mean = total / count
+            sum_sq = max(total_sq - count * mean * mean, 0.0)  # Σ(v − mean)²
+            if modes[name] == "running":
+                running = self._running[name]
+                running.merge(count, mean, sum_sq)
+                mean, std = running.mean, running.std
+            else:
+                std = math.sqrt(sum_sq / count)
+            scores = components[name]
+            out[name] = ([None if s is None else 0.0 for s in scores] if std < _NORMALIZE_EPS
+                         else [None if s is None else (s - mean) / std for s in scores])
+        return out
 
     def combine(self, components: dict[str, list[float | None]]) -> list[float]:
         """Weighted per-sample totals (None handling: see the module docstring)."""
         weights = {spec.name: spec.weight for spec in self.config.rewards}
-        normalized = {name: self.normalized(name, scores) for name, scores in components.items()}
+        normalized = self.normalized(components)
         size = len(next(iter(components.values())))
         all_weight = sum(abs(w) for w in weights.values())
         totals = []

@@ -193,10 +193,15 @@ def test_grpo_raises_reward_vllm(sft_model, tasks_dir, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(sft_model, tasks_dir, tmp_path):
     """Same global batch (4 prompts × G=4), one step: 1 process == 2 gloo processes. adam_eps is large so
-    that the first AdamW step is ∝ the gradient (not its sign) and the comparison is a gradient check."""
+    that the first AdamW step is ∝ the gradient (not its sign) and the comparison is a gradient check. Beside
+    math, a batch-normalised component: each process scores half the batch, and its z-score must still use the
+    statistics of the whole batch (RewardPipeline.share_statistics)."""
     runs = {}
+    rewards = {"rewards": [{"name": "math"}, {"name": "even", "reward": "test_grpo_train:even_length_reward",
+                                              "weight": 0.5, "normalize": "batch"}]}
     for n in (1, 2):
-        spec = _spec(sft_model, tasks_dir, tmp_path / f"run{n}", adam_eps=1.0, learning_rate=1.0)
+        spec = {**_spec(sft_model, tasks_dir, tmp_path / f"run{n}", adam_eps=1.0, learning_rate=1.0),
+                "rewards": rewards}
         driver, spec_file = _write_driver(tmp_path, spec)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no"]

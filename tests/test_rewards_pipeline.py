@@ -164,6 +164,36 @@ def test_running_normalisation_remembers_earlier_batches():
     assert out.totals == pytest.approx([(5 - 3) / math.sqrt(8 / 3)])
 
 
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_shared_statistics_normalise_over_every_process_batch(mode):
+    """Two "processes" each score half of one batch; with share_statistics (here: adding the other half's
+    moments, as an all-reduce would) each half normalises as the whole batch does in one process, batch after
+    batch. A process whose component has nothing to normalise still takes part in the sum."""
+    spec = {"rewards": [{"name": "helpful", "reward": "test_pipeline_helpful", "normalize": mode}]}
+    whole, halves = stage2(**spec), [stage2(**spec), stage2(**spec)]
+    batches = [["a", "a b", "a b c d", "a b c d e f g"], ["a b", "a b c", "a", "a b c d e"]]
+    for batch in batches:
+        parts = [batch[:2], batch[2:]]
+        moments = [pipeline_moments(part) for part in parts]
+        for i, half in enumerate(halves):
+            other = moments[1 - i]
+            half.share_statistics(lambda values, other=other: [v + o for v, o in zip(values, other, strict=True)])
+        expected = whole(["p"] * 4, batch).totals
+        got = [t for half, part in zip(halves, parts, strict=True) for t in half(["p"] * 2, part).totals]
+        assert got == pytest.approx(expected)
+        assert got != pytest.approx(stage2(**spec)(["p"] * 2, parts[0]).totals + stage2(**spec)(["p"] * 2, parts[1]).totals)
+    sums = []
+    lonely = stage2(rewards=[{"name": "helpful", "reward": "test_pipeline_math_only", "normalize": mode}])
+    lonely.share_statistics(lambda values: sums.append(values) or values)
+    assert lonely(["p"], ["x"], answer=[None]).totals == [0.0] and sums == [[0.0, 0.0, 0.0]]
+
+
+def pipeline_moments(completions):
+    """[count, sum, sum of squares] of test_pipeline_helpful's scores (word counts)."""
+    words = [len(c.split()) for c in completions]
+    return [float(len(words)), float(sum(words)), float(sum(w * w for w in words))]
+
+
 def test_recipe_yaml_maps_onto_the_config_one_to_one():
     recipe = yaml.safe_load("""
 rewards:

@@ -112,9 +112,13 @@ class GRPOTrainer:
         self.dataset = train_dataset
         self.reward_columns = (list(reward_columns) if reward_columns is not None
                                else [c for c in train_dataset.column_names if c != "prompt"])
+        world = self.accelerator.num_processes
         if reward_pipeline is not None:
             reward_pipeline.check_columns(self.reward_columns, "the prompt dataset")
-        world = self.accelerator.num_processes
+            if world > 1:  # `batch` / `running` reward normalisation over the whole step's batch, not each share
+                acc = self.accelerator
+                reward_pipeline.share_statistics(lambda values: acc.reduce(
+                    torch.tensor(values, dtype=torch.float64, device=acc.device), "sum").tolist())
         if config.prompts_per_step % world:
             raise ValueError(f"grpo.prompts_per_step={config.prompts_per_step} must divide evenly over {world} processes")
         if config.routing_replay and not rollout_config.return_routed_experts:
