@@ -166,9 +166,10 @@ def load_pretrained(cls, path, *, dtype="auto", device=None, init_missing=(), ig
         raise CheckpointError(f"{config_file}: model_type is {raw.get('model_type')!r}, expected 'deepseek_v2'")
     config = DeepseekV2Config.from_pretrained(str(path), **config_overrides)
     header = from_hf_state_dict(read_safetensors(path, meta=True))
-    zero3 = is_deepspeed_zero3_enabled() if partition is None else partition
-    if zero3 and not is_deepspeed_zero3_enabled():
+    launched = is_deepspeed_zero3_enabled()
+    if partition and not launched:
         raise ValueError(f"{path}: partition=True needs an active DeepSpeed ZeRO-3 launch")
+    zero3 = launched if partition is None else partition
     if dtype == "auto" and zero3:
         dtype = None  # the DeepSpeed config's (_load_zero3)
     elif dtype == "auto":
