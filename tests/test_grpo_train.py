@@ -190,6 +190,22 @@ def test_grpo_raises_reward_vllm(sft_model, tasks_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- processes
+def _plain_launch(processes: int) -> list[str]:
+    """`accelerate launch` without a config file, fp32: one process, or several over DDP (gloo on the CPU)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no"]
+    return cmd + (["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"])
+
+
+def _launch(cmd, tmp_path, spec, timeout: float = 600) -> list[dict]:
+    """Run the driver under `cmd`; the run's metrics.jsonl rows."""
+    driver, spec_file = _write_driver(tmp_path, spec)
+    proc = subprocess.run(cmd + [str(driver), str(spec_file)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(sft_model, tasks_dir, tmp_path):
     """Same global batch (4 prompts × G=4), one step: 1 process == 2 gloo processes. adam_eps is large so
@@ -202,15 +218,8 @@ def test_two_processes_match_one(sft_model, tasks_dir, tmp_path):
     for n in (1, 2):
         spec = {**_spec(sft_model, tasks_dir, tmp_path / f"run{n}", adam_eps=1.0, learning_rate=1.0),
                 "rewards": rewards}
-        driver, spec_file = _write_driver(tmp_path, spec)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no"]
-        cmd += ["--multi_gpu", "--num_processes", "2"] if n == 2 else ["--num_processes", "1"]
-        proc = subprocess.run(cmd + [str(driver), str(spec_file)], cwd=ROOT, env=_env(), capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = _launch(_plain_launch(n), tmp_path, spec, timeout=300)
         runs[n] = _weights(tmp_path / f"run{n}" / "final")
-        metrics = [json.loads(line) for line in (tmp_path / f"run{n}" / "metrics.jsonl").read_text().splitlines()]
         assert metrics[-1]["groups/trained"] == 4 / n  # each process trains its own shard of whole groups
     start = _weights(sft_model[0])
     moved = max(float((runs[1][k] - start[k]).abs().max()) for k in start)
@@ -380,8 +389,8 @@ def test_routing_replay_reproduces_the_sampler(tasks_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
 def _zero_launch(stage: int) -> dict:
-    """recipes/accelerate/zero{stage}.yaml for one process, with mixed precision off: fp32, so that the ZeRO
-    runs can be compared with the plain path at fp32 tolerance."""
+    """recipes/accelerate/zero{stage}.yaml with mixed precision off: fp32, so that the ZeRO runs can be compared
+    with the plain path at fp32 tolerance (the in-process launch takes one process of it)."""
     import yaml
 
     config = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml").read_text())
@@ -506,20 +515,10 @@ def _two_gpu_launch(tmp_path, stage: int, mixed_precision: str) -> list[str]:
     """`accelerate launch` of recipes/accelerate/zero{stage}.yaml on 2 GPUs (one process each)."""
     import yaml
 
-    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml").read_text())
-    config.update(num_processes=2, mixed_precision=mixed_precision)
+    config = {**_zero_launch(stage), "num_processes": 2, "mixed_precision": mixed_precision}
     path = tmp_path / f"zero{stage}-2gpu-{mixed_precision}.yaml"
     path.write_text(yaml.safe_dump(config))
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
-
-
-def _launch(cmd, tmp_path, spec) -> list[dict]:
-    """Run the driver under `cmd`; the run's metrics.jsonl rows."""
-    driver, spec_file = _write_driver(tmp_path, spec)
-    proc = subprocess.run(cmd + [str(driver), str(spec_file)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.gpu
@@ -535,8 +534,6 @@ def test_zero_on_two_gpus_matches_one_gpu_and_resumes(stage, tiny_checkpoint, ta
     The native engine samples from its own copy, synced from the gathered policy before each step (ZeRO-3 with
     several processes cannot decode on the live policy: trainer._refuse_main_only_forwards)."""
     zero = _two_gpu_launch(tmp_path, stage, "no")
-    one_gpu = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no"]
     grpo = dict(max_new_tokens=12, updates_per_batch=1, adam_eps=1.0, learning_rate=1.0)
     # each process scores its own completions: a reward of the completion alone (parity_reward depends on the
     # completion's place in the batch)
@@ -544,7 +541,7 @@ def test_zero_on_two_gpus_matches_one_gpu_and_resumes(stage, tiny_checkpoint, ta
     spec = lambda out, steps: {**_spec((tiny_checkpoint,), tasks_dir, out, max_steps=steps, **grpo),
                                "rewards": parity,
                                "rollout": {"backend": "native", "model": str(tiny_checkpoint), "max_model_len": 256}}
-    _launch(one_gpu, tmp_path, spec(tmp_path / "one", 2))
+    _launch(_plain_launch(1), tmp_path, spec(tmp_path / "one", 2))
     first = _launch(zero, tmp_path, spec(tmp_path / "zero", 1))
     assert [row["groups/trained"] for row in first] == [2.0]  # process 0's share of the 4 groups
     start, plain_step1 = _weights(tiny_checkpoint), _weights(tmp_path / "one" / "checkpoints" / "step-1" / "model")
