@@ -577,27 +577,14 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
     from kernels import bench  # benchmarks/kernels.py: do_bench median, L2 flushed
-    from moe_gemm_ceiling import D, E, F, K, dense_launches, flops, problem, triton_launches
-
-    import model.kernels.moe as moe
+    from moe_gemm_ceiling import F, dense_launches, flops, hidden_grad_reference, problem, triton_launches
 
     n = args.n
-    ref, x, ids_NK, w_NK, dout = problem(n)
-    tri, T = triton_launches(n, ref, x, ids_NK, w_NK, dout)
-    tiles = moe.default_tiles(D, F, torch.bfloat16, n * K / E)
-    with torch.no_grad():
-        _, saved = moe.moe_experts_fwd(x.detach(), T["wg"], T["wu"], T["wd"], ids_NK, w_NK.detach(),
-                                       save_for_backward=True, tiles=tiles)
-    block = saved[1]
+    tri, T = triton_launches(n, *problem(n))
+    block = T["block_3Mb"]  # moe.py's row-block table of this routing
     used = int(T["used_rows_1"].item())
     dout_PD, wd = T["dout_PD"], T["wd"]
-    # torch reference in fp32 per expert, over the used rows (padding rows of dout_PD are zeros)
-    pad_start = T["pad_start_E"].tolist()
-    z_ref = torch.zeros(used, F, device="cuda", dtype=torch.float32)
-    for e in range(E):
-        a0 = pad_start[e]
-        a1 = pad_start[e + 1] if e + 1 < E else used
-        z_ref[a0:a1] = dout_PD[a0:a1].float() @ wd[e].float()
+    z_ref = hidden_grad_reference(dout_PD, wd, T["pad_start_E"].tolist(), used)
     tri["hidden grad"]()
     torch.cuda.synchronize()
     err_tri = ((T["z_PF"][:used].float() - z_ref).norm() / z_ref.norm()).item()

@@ -345,9 +345,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
     from kernels import bench  # benchmarks/kernels.py: do_bench median, L2 flushed
-    from moe_gemm_ceiling import D, E, F, K, dense_launches, flops, problem, triton_launches
-
-    import model.kernels.moe as moe
+    from moe_gemm_ceiling import F, dense_launches, flops, hidden_grad_reference, problem, triton_launches
 
     print("triton", triton.__version__, "torch", torch.__version__, torch.cuda.get_device_name())
     n = args.n
@@ -357,13 +355,8 @@ def main():
         dout_PD, wd, block, used, pad_start = d["dout_PD"], d["wd"], d["block"], d["used"], d["pad_start"]
         z_shape = d["z_shape"]
     else:
-        ref, x, ids_NK, w_NK, dout = problem(n)
-        tri, T = triton_launches(n, ref, x, ids_NK, w_NK, dout)
-        tiles_cfg = moe.default_tiles(D, F, torch.bfloat16, n * K / E)
-        with torch.no_grad():
-            _, saved = moe.moe_experts_fwd(x.detach(), T["wg"], T["wu"], T["wd"], ids_NK, w_NK.detach(),
-                                           save_for_backward=True, tiles=tiles_cfg)
-        block = saved[1]
+        tri, T = triton_launches(n, *problem(n))
+        block = T["block_3Mb"]  # moe.py's row-block table of this routing
         used = int(T["used_rows_1"].item())
         dout_PD, wd = T["dout_PD"], T["wd"]
         pad_start = T["pad_start_E"].tolist()
@@ -373,11 +366,7 @@ def main():
                        args.dump)
             print("saved", args.dump)
             return
-    z_ref = torch.zeros(used, F, device="cuda", dtype=torch.float32)
-    for e in range(E):  # fp32 torch reference per expert over the used rows (padding rows of dout_PD are zeros)
-        a0 = pad_start[e]
-        a1 = pad_start[e + 1] if e + 1 < E else used
-        z_ref[a0:a1] = dout_PD[a0:a1].float() @ wd[e].float()
+    z_ref = hidden_grad_reference(dout_PD, wd, pad_start, used)
     if not args.load:
         T["z_PF"].fill_(float("nan"))
         tri["hidden grad"]()

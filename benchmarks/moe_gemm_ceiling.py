@@ -69,7 +69,8 @@ def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
     row_P, block_3Mb, pad_start_E, count_E, keep_A, used_rows_1, weights_A, gu_2PF = saved
     P, n_mb = row_P.numel(), block_3Mb.shape[1]
     x_PD, dout_PD = moe._gather_rows(x, dout, row_P, used_rows_1, K, BM)
-    T = dict(row_P=row_P, pad_start_E=pad_start_E, count_E=count_E, used_rows_1=used_rows_1, x_PD=x_PD,
+    T = dict(row_P=row_P, block_3Mb=block_3Mb, pad_start_E=pad_start_E, count_E=count_E, used_rows_1=used_rows_1,
+             x_PD=x_PD,
              dout_PD=dout_PD, wg=wg, wu=wu, wd=wd,
              h_PF=torch.empty(P, F, dtype=DT, device=DEV), gu_2PF=torch.empty_like(gu_2PF),
              y_AD=torch.empty(n_tokens * K, D, dtype=DT, device=DEV), z_PF=torch.empty(P, F, dtype=DT, device=DEV),
@@ -118,6 +119,16 @@ def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
     torch.cuda.synchronize()
     return {"gate_up fwd": gate_up, "down fwd": down, "hidden grad": hidden, "input grad": input_grad,
             "dWd": dwd, "dWg+dWu": dwgu}, T
+
+
+def hidden_grad_reference(dout_PD, wd_EDF, pad_start: list[int], used: int) -> torch.Tensor:
+    """z = dout_p @ Wd[e] in fp32, expert by expert, over the used padded rows (padding rows of dout_PD are
+    zeros): the reference of the exploratory hidden-grad kernels (gluon_grouped_gemm.py, gluon_multicast_gemm.py)."""
+    z_ref = torch.zeros(used, wd_EDF.shape[2], device=dout_PD.device, dtype=torch.float32)
+    for e, a0 in enumerate(pad_start):
+        a1 = pad_start[e + 1] if e + 1 < len(pad_start) else used
+        z_ref[a0:a1] = dout_PD[a0:a1].float() @ wd_EDF[e].float()
+    return z_ref
 
 
 def grouped_mm_launches(T):
