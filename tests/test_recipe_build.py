@@ -227,7 +227,7 @@ def _gathered_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def _assert_equals_checkpoint(model, checkpoint_dir: Path, skip: tuple[str, ...] = ()) -> None:
-    """Every (gathered) parameter of `model` equals the checkpoint's value in the model's dtype."""
+    """Every (gathered) parameter of `model` equals the checkpoint's value in the model's dtype (on its device)."""
     from model.checkpoint import read_safetensors, to_hf_state_dict
 
     ours = to_hf_state_dict(_gathered_state_dict(model))
@@ -235,7 +235,7 @@ def _assert_equals_checkpoint(model, checkpoint_dir: Path, skip: tuple[str, ...]
     compared = [k for k in ours if not k.startswith(skip)]
     assert compared and set(compared) <= set(disk), sorted(set(compared) - set(disk))[:3]
     for key in compared:
-        assert torch.equal(ours[key], disk[key].to(ours[key].dtype)), key
+        assert torch.equal(ours[key], disk[key].to(ours[key].device, ours[key].dtype)), key
 
 
 def _build_sft(config, s: StandIns, zero_stage: int | None):
