@@ -54,6 +54,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's model/, not benchmarks/model.py
+from model.kernels.moe_hopper import _col_halves  # noqa: E402
+from model.kernels.moe_hopper import _epilogue_store as _pp_store  # noqa: E402
+
 
 @gluon.jit
 def _tile_of(t, n_mb, n_n, GROUP_M: gl.constexpr):
@@ -221,34 +225,6 @@ def _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, k_steps, ROWS: gl.c
 
 
 @gluon.jit
-def _pp_store_piece(c_desc, c_smem, x, p0, n0, rows):
-    """x [R, EPI_N] → c_smem → TMA store in 64-row halves (the second only if the block has its rows)."""
-    R: gl.constexpr = x.shape[0]
-    HALF: gl.constexpr = c_desc.block_type.shape[0]
-    tma.store_wait(0)  # the previous store has finished reading c_smem
-    if R < c_smem.shape[0]:
-        c_smem.slice(0, R).store(x.to(c_desc.dtype))
-    else:
-        c_smem.store(x.to(c_desc.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(c_desc, [p0, n0], c_smem.slice(0, HALF))
-    if R > HALF:
-        if rows > HALF:
-            tma.async_copy_shared_to_global(c_desc, [p0 + HALF, n0], c_smem.slice(HALF, HALF))
-
-
-@gluon.jit
-def _pp_store(c_desc, c_smem, acc, p0, n0, rows, EPI_N: gl.constexpr):
-    """acc [R, W] → z[p0 :, n0 : n0 + W] in pieces of EPI_N columns (W / EPI_N in 1, 2)."""
-    if acc.shape[1] == EPI_N:
-        _pp_store_piece(c_desc, c_smem, acc, p0, n0, rows)
-    else:
-        lo, hi = _col_halves(acc)
-        _pp_store_piece(c_desc, c_smem, lo, p0, n0, rows)
-        _pp_store_piece(c_desc, c_smem, hi, p0, n0 + EPI_N, rows)
-
-
-@gluon.jit
 def _pp_consumer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs, c_bufs,
                  ready_bars, empty_bars, turn_bars, n_mb, K,
                  BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
@@ -353,15 +329,6 @@ def _split_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, K,
     acc = warpgroup_mma_wait(0, deps=[acc])
     mbarrier.arrive(empty_bars.index(prev))
     return acc, it
-
-
-@gluon.jit
-def _col_halves(x):
-    """[R, W] register tensor → its column halves [R, W/2] (a register split: the column bit W/2 is a register
-    bit of the wgmma accumulator layout, so no data moves)."""
-    R: gl.constexpr = x.shape[0]
-    W: gl.constexpr = x.shape[1]
-    return x.reshape([R, 2, W // 2]).permute(0, 2, 1).split()
 
 
 @gluon.jit

@@ -217,17 +217,18 @@ def _check_zero(trainer, zero_stage: int | None) -> None:
 
 
 def _gathered_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's state dict with ZeRO-3 partitioned parameters gathered (a copy; tiny models only)."""
+    """The model's state dict with ZeRO-3 partitioned parameters gathered (a CPU copy, comparable with what
+    read_safetensors returns; tiny models only)."""
     if not any(hasattr(p, "ds_numel") for p in model.parameters()):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _assert_equals_checkpoint(model, checkpoint_dir: Path, skip: tuple[str, ...] = ()) -> None:
-    """Every (gathered) parameter of `model` equals the checkpoint's value in the model's dtype (on its device)."""
+    """Every (gathered) parameter of `model` equals the checkpoint's value in the model's dtype."""
     from model.checkpoint import read_safetensors, to_hf_state_dict
 
     ours = to_hf_state_dict(_gathered_state_dict(model))
@@ -235,7 +236,7 @@ def _assert_equals_checkpoint(model, checkpoint_dir: Path, skip: tuple[str, ...]
     compared = [k for k in ours if not k.startswith(skip)]
     assert compared and set(compared) <= set(disk), sorted(set(compared) - set(disk))[:3]
     for key in compared:
-        assert torch.equal(ours[key], disk[key].to(ours[key].device, ours[key].dtype)), key
+        assert torch.equal(ours[key], disk[key].to(ours[key].dtype)), key
 
 
 def _build_sft(config, s: StandIns, zero_stage: int | None):

@@ -23,7 +23,9 @@ Backward, no atomics:
   `_moe_swiglu_bwd_kernel`        dh = w·z → dg, du [2, P, F]; hw = w·h [P, F]; dw_a = Σ_f z_f·h_f
   `_moe_weight_grad_kernel` ×2    dWd[e] = Σ_rows dout_pᵀ (w·h)_p and dWg[e], dWu[e] = Σ_rows dg_pᵀ x_p,
                                   du_pᵀ x_p: GEMMs over each expert's contiguous run of padded rows (w moved
-                                  from dy onto h, so both operands go to the tensor cores as loaded)
+                                  from dy onto h, so both operands go to the tensor cores as loaded); on a
+                                  Hopper GPU moe_hopper.py's warp-specialized Gluon kernel instead (same sums,
+                                  same result to the bit, ~17% faster at V2-Lite shapes; `MoETiles.hopper`)
   `_moe_input_grad_kernel`        dx_a = dg_a @ Wg[e] + du_a @ Wu[e], then the combine kernel sums
                                   each token's K rows (no weights) into dx [N, D].
 The row-block GEMMs run GROUP_M row blocks over all column tiles at a time (L2 reuse of the rows and
@@ -365,6 +367,7 @@ class MoETiles:
     down_wgrad: Tile  # dWd [D, F] per expert (m over D, n over F, k over rows: must divide block_m)
     gate_up_wgrad: Tile  # dWg, dWu [F, D] per expert (m over F, n over D, k over rows: divides block_m)
     swiglu_bwd: Tile  # elementwise SwiGLU backward (m rows per program: divides block_m; n columns per step)
+    hopper: bool = True  # weight gradients by moe_hopper.py's Gluon kernel where `moe_hopper.usable` and it fits
 
     def fit(self, D: int, F: int) -> MoETiles:
         """Narrow the column tiles to small dimensions (power-of-two tiles, at least 16)."""
@@ -637,7 +640,24 @@ def _gather_rows(x_ND: torch.Tensor, dout_ND: torch.Tensor, row_P: torch.Tensor,
     return x_PD, dout_PD
 
 
-def _weight_grad(tile: Tile, a_GPI, b_PJ, pad_start_E, count_E, c_GEIJ, prec: str):
+def _hopper_wgrad_tile(tiles: MoETiles, a_GPI: torch.Tensor, DJ: int, rows_per_expert: float):
+    """moe_hopper's launch shape for this weight gradient when its kernel applies (Hopper GPU, 16-bit, a tested
+    Triton, tiles that fit), else None: the Triton kernel runs."""
+    if not (tiles.hopper and a_GPI.is_cuda):
+        return None
+    from . import moe_hopper  # Gluon: imported on a GPU only
+
+    tile = moe_hopper.wgrad_tile(a_GPI.shape[0], rows_per_expert)
+    fits = moe_hopper.wgrad_fits(a_GPI.shape[2], DJ, tiles.block_m // 2, tile)
+    return tile if fits and moe_hopper.usable(a_GPI) else None
+
+
+def _weight_grad(tile: Tile, a_GPI, b_PJ, pad_start_E, count_E, c_GEIJ, prec: str, hopper_tile=None):
+    if hopper_tile is not None:
+        from . import moe_hopper
+
+        moe_hopper.weight_grad(a_GPI, b_PJ, pad_start_E, count_E, c_GEIJ, hopper_tile)
+        return
     G, P, DI = a_GPI.shape
     E, DJ = count_E.numel(), b_PJ.shape[1]
     _launch(_moe_weight_grad_kernel, tile, G * E * triton.cdiv(DI, tile.m) * triton.cdiv(DJ, tile.n),
@@ -674,8 +694,11 @@ def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, t
         t = tiles.swiglu_bwd
         _launch(_moe_swiglu_bwd_kernel, t, P // t.m, z_PF, gu_2PF, weights_A, row_P, used_rows_1, dgu_2PF, hw_PF,
                 dweights_A, P, F, BLOCK_R=t.m, BLOCK_F=t.n)
-    _weight_grad(tiles.down_wgrad, dout_PD[None], hw_PF, pad_start_E, count_E, dwd_1EDF, prec)
-    _weight_grad(tiles.gate_up_wgrad, dgu_2PF, x_PD, pad_start_E, count_E, dwgu_2EFD, prec)
+    rows_per_expert = N * K / E
+    _weight_grad(tiles.down_wgrad, dout_PD[None], hw_PF, pad_start_E, count_E, dwd_1EDF, prec,
+                 _hopper_wgrad_tile(tiles, dout_PD[None], F, rows_per_expert))
+    _weight_grad(tiles.gate_up_wgrad, dgu_2PF, x_PD, pad_start_E, count_E, dwgu_2EFD, prec,
+                 _hopper_wgrad_tile(tiles, dgu_2PF, D, rows_per_expert))
     if N:
         t = tiles.input_grad
         _launch(_moe_input_grad_kernel, t, n_mb * triton.cdiv(D, t.n),
