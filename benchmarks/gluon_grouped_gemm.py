@@ -5,15 +5,17 @@
     z_p = dout_p @ Wd[e]   for every padded row p of expert e   (z [P, F], dout [P, D], Wd [E, D, F])
 
 the product `_moe_hidden_grad_kernel` computes in model/kernels/moe.py, over the same routing metadata (the
-row-block table block_3Mb: expert, first padded row, rows = BLOCK_M or BLOCK_M / 2 per slot). Not wired into
-the model: 10-15% faster than the Triton kernel on this GEMM, ~1% of a step (benchmarks/README.md, "Gluon
-warp-specialized grouped GEMM"). Each config runs beside the committed Triton kernel and cuBLAS (bmm over 64
+row-block table block_3Mb: expert, first padded row, rows = BLOCK_M or BLOCK_M / 2 per slot). The ping-pong
+kernel (`pp...`) is the model's since it moved into model/kernels/moe_hopper.py (moe.py runs `pp128x64x5x` on a
+Hopper GPU); the others stay exploratory here (benchmarks/README.md, "Gluon warp-specialized grouped GEMM"). Each
+config runs beside the committed Triton kernel and cuBLAS (bmm over 64
 equal groups, dense) in one process, two rounds, do_bench medians; rel.err against an fp32 torch reference per
 expert on NaN-poisoned outputs. --profile launches each kernel once between cudaProfilerStart/Stop, for
 `ncu --profile-from-start off`.
 
 Three kernels (Triton 3.6's `triton.experimental.gluon`, names as that version ships them); all run a persistent
-grid of one program per SM that walks the (row block, column tile) list in moe.py's GROUP_M order, skipping unused
+grid of one program per SM that walks the (row block, column tile) list in moe.py's GROUP_M order (or, `x`, the
+expert order), skipping unused
 slots (expert −1), with a TMA producer filling a STAGES-deep shared-memory ring of dout [BM, BK] and weight
 [BK, BN] tiles, each stage guarded by a `ready` mbarrier (TMA byte count) and an `empty` mbarrier (released once
 the wgmma reading it has retired). Configs are '[pp|sp]BNxBKxSTAGES' plus options (`parse_config`):
@@ -21,11 +23,13 @@ the wgmma reading it has retired). Configs are '[pp|sp]BNxBKxSTAGES' plus option
     64 rows on one BM x BN tile; async `warpgroup_mma`, one group in flight; epilogue bf16 → shared memory → TMA
     store in two 64-row halves (the second skipped for a half block, whose next 64 rows belong to the next
     expert). The producer (1 warp) runs ahead into the next tile while the consumers store.
-  * `gluon_hidden_grad_pingpong_kernel` (pp...): two 4-warp consumer warpgroups, each owning whole 128 x BN
-    tiles, alternate tiles (turn barriers keep their main loops in order), so one's epilogue overlaps the other's
-    main loop; the producer is the 4-warp default partition. Options: eEPI_N (epilogue in EPI_N-column pieces
-    through a [128, EPI_N] buffer per consumer), h (a half block as a 64-row tile: 64-row A load and wgmmas),
-    x (the host tile list of `expert_tile_order`: one expert after another instead of GROUP_M).
+  * ping-pong (pp...; `moe_hopper.hidden_grad`, imported): two 4-warp consumer warpgroups, each owning whole
+    128 x BN tiles, alternate tiles (turn barriers keep their main loops in order), so one's epilogue overlaps the
+    other's main loop; the producer is the 4-warp default partition. Options (`moe_hopper.HgradTile`): eEPI_N
+    (epilogue in EPI_N-column pieces through a [128, EPI_N] buffer per consumer), h (a half block as a 64-row
+    tile: 64-row A load and wgmmas), x (one expert after another instead of GROUP_M, computed in the kernel from
+    the block table and each expert's first row and rows; it was a host-built list, the same order, until the
+    kernel moved into the model, whose backward must not sync with the host).
   * `gluon_hidden_grad_split_kernel` (sp...): the two consumer warpgroups as separate 4-warp partitions on one
     BM x BN tile, 64 rows each (a half block's second warpgroup only passes its slots on; with F % BN == BN / 2
     the last column tile runs BN / 2 wide wgmmas), epilogue in EPI_N-column pieces through NBUF buffers per
@@ -55,29 +59,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's model/, not benchmarks/model.py
+# _pp_mainloop (the ping-pong kernel's main loop) is also imported from here by the benchmarks built on this file.
+from model.kernels import moe_hopper  # noqa: E402
 from model.kernels.moe_hopper import _col_halves  # noqa: E402
-from model.kernels.moe_hopper import _epilogue_store as _pp_store  # noqa: E402
-
-
-@gluon.jit
-def _tile_of(t, n_mb, n_n, GROUP_M: gl.constexpr):
-    """Tile index → (row block, column tile), GROUP_M row blocks at a time over every column tile (moe.py's
-    `_row_block_tile`)."""
-    width = GROUP_M * n_n
-    first_m = (t // width) * GROUP_M
-    size_m = gl.minimum(n_mb - first_m, GROUP_M)
-    return first_m + (t % width) % size_m, (t % width) // size_m
-
-
-@gluon.jit
-def _pp_tile(t, order_ptr, n_mb, N_COLS: gl.constexpr, GROUP_M: gl.constexpr, ORDERED: gl.constexpr):
-    """Tile t → (row block, column tile): from the host's tile list (m·N_COLS + n) when ORDERED, else
-    `_tile_of`'s GROUP_M order."""
-    if ORDERED:
-        code = gl.load(order_ptr + t)
-        return code // N_COLS, code % N_COLS
-    else:
-        return _tile_of(t, n_mb, N_COLS, GROUP_M)
+from model.kernels.moe_hopper import _hgrad_mainloop as _pp_mainloop  # noqa: E402, F401
+from model.kernels.moe_hopper import _row_block_tile as _tile_of  # noqa: E402
 
 
 @gluon.jit
@@ -163,142 +149,6 @@ def gluon_hidden_grad_kernel(a_desc, b_desc, c_desc, block_ptr, n_mb, K,
         (_producer, (a_desc, b_desc, block_ptr, a_bufs, b_bufs, ready_bars, empty_bars, n_mb, K, BN, BK, STAGES,
                      GROUP_M, N_COLS)),
     ], [1], [40])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready_bars.index(i))
-        mbarrier.invalidate(empty_bars.index(i))
-
-
-@gluon.jit
-def _pp_producer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs, c_bufs,
-                 ready_bars, empty_bars, turn_bars, n_mb, K,
-                 BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                 GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EPI_N: gl.constexpr,
-                 ORDERED: gl.constexpr, ROLE: gl.constexpr):
-    """TMA producer of the ping-pong kernel: as `_producer`, but with HALF_ROWS a half block's A tiles are
-    loaded as their 64 rows only (into the first half of the slot; the ready barrier expects those bytes)."""
-    full_bytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-    half_bytes: gl.constexpr = a_half_desc.block_type.nbytes + b_desc.block_type.nbytes
-    HALF_LIM: gl.constexpr = BM // 2 if HALF_ROWS else 0  # rows <= HALF_LIM: a half block run as one
-    it = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        pid_m, pid_n = _pp_tile(t, order_ptr, n_mb, N_COLS, GROUP_M, ORDERED)
-        e = gl.load(block_ptr + pid_m)
-        if e >= 0:
-            p0 = gl.load(block_ptr + n_mb + pid_m)
-            half = gl.load(block_ptr + 2 * n_mb + pid_m) <= HALF_LIM
-            for k0 in range(0, K, BK):
-                s = it % STAGES
-                mbarrier.wait(empty_bars.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass parity 1
-                if half:
-                    mbarrier.expect(ready_bars.index(s), half_bytes)
-                    tma.async_copy_global_to_shared(a_half_desc, [p0, k0], ready_bars.index(s),
-                                                    a_bufs.index(s).slice(0, BM // 2))
-                else:
-                    mbarrier.expect(ready_bars.index(s), full_bytes)
-                    tma.async_copy_global_to_shared(a_desc, [p0, k0], ready_bars.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, pid_n * BN], ready_bars.index(s),
-                                                b_bufs.index(s))
-                it += 1
-
-
-@gluon.jit
-def _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, k_steps, ROWS: gl.constexpr, BN: gl.constexpr,
-                 STAGES: gl.constexpr):
-    """acc [ROWS, BN] over the next k_steps ring slots (the first ROWS rows of each A slot), one wgmma group in
-    flight; every slot but the last is released as soon as the wgmma reading it has retired."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BN, 16])
-    acc = gl.zeros([ROWS, BN], gl.float32, acc_layout)
-    prev = 0
-    for kk in range(k_steps):
-        s = it % STAGES
-        mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)
-        a = a_bufs.index(s)
-        if ROWS < a.shape[0]:
-            a = a.slice(0, ROWS)
-        acc = warpgroup_mma(a, b_bufs.index(s), acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=[acc])
-        mbarrier.arrive(empty_bars.index(prev), pred=kk > 0)
-        prev = s
-        it += 1
-    return acc, prev, it
-
-
-@gluon.jit
-def _pp_consumer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs, c_bufs,
-                 ready_bars, empty_bars, turn_bars, n_mb, K,
-                 BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                 GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EPI_N: gl.constexpr,
-                 ORDERED: gl.constexpr, ROLE: gl.constexpr):
-    """Ping-pong consumer: one warpgroup owns a whole BM x BN tile; the two consumers take alternate used tiles,
-    so one's epilogue overlaps the other's main loop. Ring slots of the other consumer's tiles are skipped by
-    counting (every used tile takes K / BK slots). The consumers take turns through turn_bars: a consumer starts
-    its main loop only after the other has waited on all the slots of its tile, so a ready barrier is never more
-    than one phase behind the parity a consumer waits for (without the turns, consumer 1 waited on slots several
-    phases ahead, took a stale phase of the same parity as ready, and the kernel faulted). With HALF_ROWS a half
-    block runs 64-row wgmmas (acc [64, BN]) instead of computing the next expert's rows."""
-    HALF_LIM: gl.constexpr = BM // 2 if HALF_ROWS else 0
-    c_smem = c_bufs.index(ROLE)
-    k_steps = K // BK
-    j = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        pid_m, pid_n = _pp_tile(t, order_ptr, n_mb, N_COLS, GROUP_M, ORDERED)
-        e = gl.load(block_ptr + pid_m)
-        if e >= 0:
-            if j % 2 == ROLE:
-                mbarrier.wait(turn_bars.index(ROLE), ((j // 2) & 1) ^ (1 - ROLE))  # consumer 0 passes at once
-                p0 = gl.load(block_ptr + n_mb + pid_m)
-                rows = gl.load(block_ptr + 2 * n_mb + pid_m)
-                if rows <= HALF_LIM:
-                    acc_h, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
-                                                   BM // 2, BN, STAGES)  # (own name: branches merge by name)
-                    mbarrier.arrive(turn_bars.index(1 - ROLE))  # all this tile's slots waited on: the other's turn
-                    acc_h = warpgroup_mma_wait(0, deps=[acc_h])
-                    mbarrier.arrive(empty_bars.index(prev))
-                    _pp_store(c_desc, c_smem, acc_h, p0, pid_n * BN, rows, EPI_N)
-                else:
-                    acc, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
-                                                 BM, BN, STAGES)
-                    mbarrier.arrive(turn_bars.index(1 - ROLE))
-                    acc = warpgroup_mma_wait(0, deps=[acc])
-                    mbarrier.arrive(empty_bars.index(prev))
-                    _pp_store(c_desc, c_smem, acc, p0, pid_n * BN, rows, EPI_N)
-            j += 1
-    tma.store_wait(0)
-
-
-@gluon.jit
-def gluon_hidden_grad_pingpong_kernel(a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, n_mb, K,
-                                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                                      GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr,
-                                      EPI_N: gl.constexpr, ORDERED: gl.constexpr):
-    """As `gluon_hidden_grad_kernel`, with two ping-pong consumer warpgroups (4-warp workers, 232 registers) and
-    the TMA producer as the default partition (num_warps=4). Epilogue buffer per consumer [BM, EPI_N]: EPI_N =
-    BN / 2 frees 32 KB at 128 x 128 tiles, room for a sixth ring stage."""
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BN], b_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, EPI_N], c_desc.layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    fence_async_shared()
-    # default partition (num_warps=4) = the TMA producer; both consumers are 4-warp workers.
-    gl.warp_specialize([
-        (_pp_producer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs,
-                        c_bufs, ready_bars, empty_bars, turn_bars, n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS,
-                        HALF_ROWS, EPI_N, ORDERED, 0)),
-        (_pp_consumer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs,
-                        c_bufs, ready_bars, empty_bars, turn_bars, n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS,
-                        HALF_ROWS, EPI_N, ORDERED, 0)),
-        (_pp_consumer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, order_ptr, n_tiles, a_bufs, b_bufs,
-                        c_bufs, ready_bars, empty_bars, turn_bars, n_mb, K, BM, BN, BK, STAGES, GROUP_M, N_COLS,
-                        HALF_ROWS, EPI_N, ORDERED, 1)),
-    ], [4, 4], [232, 232])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready_bars.index(i))
         mbarrier.invalidate(empty_bars.index(i))
@@ -466,15 +316,23 @@ def descriptors(dout_PD, wd_EDF, z_PF, BM, BN, BK, EPI_N=None):
     return a, b, c
 
 
-def gluon_hidden_grad(dout_PD, wd_EDF, block_3Mb, z_PF, BN=256, BK=64, STAGES=3, GROUP_M=8, n_sm=None,
-                      pingpong=False, split=False, EPI_N=None, NBUF=1, half_rows=False, order=None):
+def gluon_hidden_grad(dout_PD, wd_EDF, block_3Mb, z_PF, BN=256, BK=64, STAGES=3, GROUP_M=8, pingpong=False,
+                      split=False, EPI_N=None, NBUF=1, half_rows=False, expert_order=False, pad_start_E=None,
+                      count_E=None):
+    """z_PF ← the hidden grad by the kernel parse_config's keywords name; pad_start_E / count_E (each expert's first
+    row and rows) for the ping-pong kernel, which is moe.py's (model/kernels/moe_hopper.py)."""
     E, D, F = wd_EDF.shape
     BM = 128
-    assert D % BK == 0
+    assert D % BK == 0, (D, BK)
+    if pingpong:
+        tile = moe_hopper.HgradTile(block_n=BN, block_k=BK, stages=STAGES, epi_n=EPI_N, half_rows=half_rows,
+                                    expert_order=expert_order, group_m=GROUP_M)
+        moe_hopper.hidden_grad(dout_PD, wd_EDF, block_3Mb, pad_start_E, count_E, z_PF, tile)
+        return z_PF
     n_mb = block_3Mb.shape[1]
     EPI_N = EPI_N or BN
     a, b, c = descriptors(dout_PD, wd_EDF, z_PF, BM, BN, BK, EPI_N)
-    n_sm = n_sm or torch.cuda.get_device_properties(dout_PD.device).multi_processor_count
+    n_sm = torch.cuda.get_device_properties(dout_PD.device).multi_processor_count
     n_tiles = n_mb * triton.cdiv(F, BN)
     grid = (min(n_sm, n_tiles),)
     if split:
@@ -484,16 +342,6 @@ def gluon_hidden_grad(dout_PD, wd_EDF, block_3Mb, z_PF, BN=256, BK=64, STAGES=3,
         gluon_hidden_grad_split_kernel[grid](a, b, c, block_3Mb, n_mb, D, BM=BM, BN=BN, BK=BK, STAGES=STAGES,
                                              GROUP_M=GROUP_M, N_COLS=triton.cdiv(F, BN), HALF_LAST=half_last,
                                              EPI_N=EPI_N, NBUF=NBUF, num_warps=4, maxnreg=168)
-    elif pingpong:
-        assert BN // EPI_N in (1, 2), (BN, EPI_N)
-        bf = gl.bfloat16 if dout_PD.dtype == torch.bfloat16 else gl.float16
-        a_half = TensorDescriptor.from_tensor(dout_PD, [BM // 2, BK],
-                                              gl.NVMMASharedLayout.get_default_for([BM // 2, BK], bf))
-        n_list = n_tiles if order is None else order.numel()
-        gluon_hidden_grad_pingpong_kernel[(min(n_sm, n_list),)](
-            a, a_half, b, c, block_3Mb, block_3Mb if order is None else order, n_list, n_mb, D, BM=BM, BN=BN, BK=BK,
-            STAGES=STAGES, GROUP_M=GROUP_M, N_COLS=triton.cdiv(F, BN), HALF_ROWS=half_rows, EPI_N=EPI_N,
-            ORDERED=order is not None, num_warps=4, maxnreg=168)
     else:
         assert EPI_N == BN
         gluon_hidden_grad_kernel[grid](a, b, c, block_3Mb, n_mb, D, BM=BM, BN=BN, BK=BK, STAGES=STAGES,
@@ -501,29 +349,12 @@ def gluon_hidden_grad(dout_PD, wd_EDF, block_3Mb, z_PF, BN=256, BK=64, STAGES=3,
     return z_PF
 
 
-def expert_tile_order(block_3Mb, n_cols):
-    """Host tile list (m·n_cols + n, int32) that walks the experts one after another, each expert's column tiles
-    outer and its row blocks inner, so the row blocks sharing a weight tile sit in one wave and an expert's
-    dout rows are reused across its column tiles while they are in L2; unused slots are left out."""
-    expert = block_3Mb[0].tolist()
-    runs = []  # [first slot, end slot) per expert
-    for m, e in enumerate(expert):
-        if e < 0:
-            continue
-        if runs and expert[runs[-1][0]] == e and runs[-1][1] == m:
-            runs[-1][1] = m + 1
-        else:
-            runs.append([m, m + 1])
-    codes = [m * n_cols + n for m0, m1 in runs for n in range(n_cols) for m in range(m0, m1)]
-    return torch.tensor(codes, dtype=torch.int32, device=block_3Mb.device)
-
-
 # ----------------------------------------------------------------------------------------------- benchmark
 def parse_config(cfg):
     """'[pp|sp]BNxBKxSTAGES' + options in any order: eEPI_N, bNBUF, gGROUP_M, h, x → dict of gluon_hidden_grad's
     keywords (x: expert_order). Kinds: '' the cooperative kernel (8-warp consumer), 'pp' ping-pong, 'sp' split
     consumers; EPI_N columns per epilogue piece (sp, pp), NBUF epilogue buffers per warpgroup (sp), h: half
-    blocks as 64-row tiles (pp; sp always), x: the host tile list of `expert_tile_order` (pp)."""
+    blocks as 64-row tiles (pp; sp always), x: one expert after another (pp; moe_hopper's `_hgrad_tile`)."""
     m = re.fullmatch(r"(pp|sp)?(\d+)x(\d+)x(\d+)((?:[ebg]\d+|[hx])*)", cfg)
     if m is None:
         raise ValueError(f"bad config {cfg!r}")
@@ -544,7 +375,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
     from kernels import bench  # benchmarks/kernels.py: do_bench median, L2 flushed
-    from moe_gemm_ceiling import F, dense_launches, flops, hidden_grad_reference, problem, triton_launches
+    from moe_gemm_ceiling import dense_launches, flops, hidden_grad_reference, problem, triton_launches
 
     n = args.n
     tri, T = triton_launches(n, *problem(n))
@@ -560,10 +391,9 @@ def main():
     rows = [("triton (moe.py)", tri["hidden grad"], err_tri)]
     for cfg in args.configs.split(","):
         kw = parse_config(cfg)
-        if kw.pop("expert_order"):
-            kw["order"] = expert_tile_order(block, triton.cdiv(F, kw["BN"]))
         z = torch.full_like(T["z_PF"], float("nan"))
-        fn = (lambda z=z, kw=kw: gluon_hidden_grad(dout_PD, wd, block, z, **kw))
+        fn = (lambda z=z, kw=kw: gluon_hidden_grad(dout_PD, wd, block, z, pad_start_E=T["pad_start_E"],
+                                                   count_E=T["count_E"], **kw))
         fn()
         torch.cuda.synchronize()
         err = ((z[:used].float() - z_ref).norm() / z_ref.norm()).item()  # nan if any used row is unwritten

@@ -1,11 +1,13 @@
-"""Same-process A/B of the MoE experts fwd+bwd step with the Hopper Gluon weight-gradient kernel off and on (GPU).
+"""Same-process A/B of the MoE experts fwd+bwd step with the Hopper Gluon kernels off and on (GPU).
 
-    python benchmarks/moe_hopper_ab.py [--n 4096,8192,16384] [--rounds 5]
+    python benchmarks/moe_hopper_ab.py [--n 4096,8192,16384] [--rounds 5] [--profile-steps 10]
 
-`MoETiles.hopper` False (moe.py's Triton weight-gradient kernel) vs True (model/kernels/moe_hopper.py where
-`usable`), V2-Lite expert shapes in bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64),
-`moe_experts_fwd` + `moe_experts_bwd` timed by do_bench (median, L2 flushed) in alternating rounds; prints each
-side's median, min-max and % of the H100 bf16 peak, and whether the gradients are identical to the bit.
+Three arms: `MoETiles.hopper` False (moe.py's Triton kernels), True with the hidden grad held on the Triton kernel
+(`moe._hopper_hidden_grad` patched to False: the Hopper weight-gradient kernel alone), and True
+(model/kernels/moe_hopper.py's hidden-grad and weight-gradient kernels where `usable`). V2-Lite expert shapes in
+bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64), `moe_experts_fwd` + `moe_experts_bwd` timed
+by do_bench (median, L2 flushed) in alternating rounds; prints each arm's median, min-max and % of the H100 bf16
+peak, and whether its gradients are identical to the bit to the Triton arm's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,24 @@ E, D, F, K = 64, 2048, 1408, 6
 PEAK_TFLOPS = 989.0
 
 
-def ab(n_tokens: int, rounds: int) -> None:
+def profile(step, arms, n_tokens: int, steps: int) -> None:
+    """Device time per step of each arm's GEMM kernels and of all its kernels (torch profiler over `steps` steps)."""
+    for arm in arms:
+        step(arm)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step(arm)
+            torch.cuda.synchronize()
+        per_kernel = {e.key: e.device_time_total / steps / 1e3 for e in prof.key_averages()
+                      if e.device_time_total > 0}
+        gemms = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])
+                          if "grad" in name or "gate_up" in name or "down" in name)
+        print(f"N={n_tokens} {arm:12s} device ms per step: all device work {sum(per_kernel.values()):.3f}; {gemms}",
+              flush=True)
+
+
+def ab(n_tokens: int, rounds: int, profile_steps: int) -> None:
     torch.manual_seed(0)
     wg, wu = ((torch.randn(E, F, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2))
     wd = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -36,34 +55,46 @@ def ab(n_tokens: int, rounds: int) -> None:
     dout = torch.randn(n_tokens, D, device="cuda", dtype=torch.bfloat16)
     base = moe.default_tiles(D, F, torch.bfloat16, n_tokens * K / E)
 
-    def step(hopper: bool):
-        tiles = replace(base, hopper=hopper)
-        _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
-        return moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles)
+    real_hidden = moe._hopper_hidden_grad
+    arms = {"triton": (False, True), "hopper wgrad": (True, False), "hopper all": (True, True)}
 
-    same = all(torch.equal(a, b) for a, b in zip(step(False), step(True)))
-    times = {False: [], True: []}
+    def step(arm: str):
+        hopper, hidden = arms[arm]
+        moe._hopper_hidden_grad = real_hidden if hidden else (lambda *args: False)
+        try:
+            tiles = replace(base, hopper=hopper)
+            _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
+            return moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles)
+        finally:
+            moe._hopper_hidden_grad = real_hidden
+
+    ref = step("triton")
+    same = {arm: all(torch.equal(a, b) for a, b in zip(ref, step(arm))) for arm in arms}
+    times = {arm: [] for arm in arms}
     for _ in range(rounds):
-        for hopper in times:
-            times[hopper].append(triton.testing.do_bench(lambda h=hopper: step(h), warmup=25, rep=150,
-                                                         return_mode="median"))
+        for arm in times:
+            times[arm].append(triton.testing.do_bench(lambda a=arm: step(a), warmup=25, rep=150, return_mode="median"))
     flops = 18 * n_tokens * K * D * F
-    for hopper, ts in times.items():
+    for arm, ts in times.items():
         med = statistics.median(ts)
-        print(f"N={n_tokens} hopper={hopper!s:5} median {med:.3f} ms ({100 * flops / med / 1e9 / PEAK_TFLOPS:.1f}% "
-              f"of peak), min-max {min(ts):.3f}-{max(ts):.3f}; gradients identical: {same}", flush=True)
+        print(f"N={n_tokens} {arm:12s} median {med:.3f} ms ({100 * flops / med / 1e9 / PEAK_TFLOPS:.1f}% of peak), "
+              f"min-max {min(ts):.3f}-{max(ts):.3f}; gradients identical to the Triton arm's: {same[arm]}", flush=True)
+    if profile_steps:
+        profile(step, arms, n_tokens, profile_steps)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", default="4096,8192,16384")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=0, help="then each arm's kernel device times over "
+                        "this many steps (torch profiler)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/moe_hopper_ab.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for n in (int(v) for v in args.n.split(",") if v):
-        ab(n, args.rounds)
+        ab(n, args.rounds, args.profile_steps)
         torch.cuda.empty_cache()
 
 

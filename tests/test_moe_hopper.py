@@ -1,6 +1,7 @@
-"""model/kernels/moe_hopper.py: the Gluon weight-gradient kernel against an fp32 reference, and the MoE step with
-the Hopper kernels on and off. The kernels run only on a Hopper GPU (sm_90) with a tested Triton (`usable`); on
-other machines only the host-side checks run here, and moe.py runs its Triton kernels."""
+"""model/kernels/moe_hopper.py: the Gluon weight-gradient and hidden-grad kernels against fp64 references (the
+hidden grad also against moe.py's Triton kernel, rows written included), and the MoE step with the Hopper kernels on
+and off. The kernels run only on a Hopper GPU (sm_90) with a tested Triton (`usable`); on other machines only the
+host-side checks run here, and moe.py runs its Triton kernels."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+import triton
 
 from model.kernels import moe_hopper
-from model.kernels.moe_hopper import WgradTile
+from model.kernels._util import dot_precision
+from model.kernels.moe_hopper import HgradTile, WgradTile
 
 HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
           and moe_hopper.usable(torch.empty(1, device="cuda", dtype=torch.bfloat16)))
@@ -40,6 +43,24 @@ def test_weight_grad_rejects_mismatched_shapes():
         moe_hopper.weight_grad(a, b, start, count, torch.zeros(1, 2, 128, 128), moe_hopper.wgrad_tile(1, 10))
     with pytest.raises(ValueError, match="128 × 128 consumer tiles"):
         moe_hopper.weight_grad(a, b, start, count, torch.zeros(1, 3, 128, 128), WgradTile("pp", 256, 128))
+
+
+def test_hidden_grad_fit():
+    assert moe_hopper.hidden_grad_fits(2048, 1408, 128)
+    assert moe_hopper.hidden_grad_fits(2048, 200, 128)  # F need not be whole tiles: TMA clips the last one
+    assert not moe_hopper.hidden_grad_fits(2048, 1408, 64)  # row blocks must be the kernel's 128-row tiles
+    assert not moe_hopper.hidden_grad_fits(2056, 1408, 128)  # a 64-wide reduction step would read the next expert
+    assert not moe_hopper.hidden_grad_fits(2048, 1404, 128)  # z rows not 16-byte aligned
+
+
+def test_hidden_grad_rejects_mismatched_shapes():
+    dout, wd = torch.zeros(256, 128), torch.zeros(3, 128, 64)
+    block = torch.zeros(3, 4, dtype=torch.int32)
+    start, count = torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="do not fit"):
+        moe_hopper.hidden_grad(dout, wd, block, start, count, torch.zeros(256, 72))
+    with pytest.raises(ValueError, match="does not fit D"):
+        moe_hopper.hidden_grad(dout[:, :96], wd[:, :96], block, start, count, torch.zeros(256, 64))
 
 
 def _padded_rows(counts: list[int], G: int, DI: int, DJ: int, dtype, seed: int):
@@ -88,9 +109,10 @@ def test_weight_grad_matches_fp32_reference(dtype, G, DI, DJ, tile, few_rows):
 @hopper_only
 @pytest.mark.parametrize("n_tokens", [333, 4096, 16384])
 def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
-    """The whole moe_experts fwd+bwd at V2-Lite expert shapes (ping-pong tiles below 1024 rows per expert, split
-    tiles at 16384 tokens): the Hopper weight-gradient kernel gives the Triton kernel's gradients to the bit (fp32
-    sums over the same 64-row steps), and the Hopper path was taken."""
+    """The whole moe_experts fwd+bwd at V2-Lite expert shapes (below 1024 rows per expert the Hopper hidden grad and
+    ping-pong weight-gradient tiles, at 16384 tokens split weight-gradient tiles and the Triton hidden grad): the
+    Hopper kernels give the Triton kernels' gradients to the bit (fp32 sums over the same 64-wide steps in the same
+    order, k16 wgmmas either way), and the Hopper paths were taken."""
     import model.kernels.moe as moe
 
     torch.manual_seed(0)
@@ -104,13 +126,75 @@ def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
     dout = torch.randn(n_tokens, D, device="cuda", dtype=torch.bfloat16)
     base = moe.default_tiles(D, F, torch.bfloat16, n_tokens * K / E)
     launched = []
-    real = moe_hopper.weight_grad
-    monkeypatch.setattr(moe_hopper, "weight_grad", lambda *args: (launched.append(args[-1].kind), real(*args))[1])
+    real_wgrad, real_hgrad = moe_hopper.weight_grad, moe_hopper.hidden_grad
+    monkeypatch.setattr(moe_hopper, "weight_grad",
+                        lambda *args: (launched.append(args[-1].kind), real_wgrad(*args))[1])
+    monkeypatch.setattr(moe_hopper, "hidden_grad", lambda *args: (launched.append("hidden"), real_hgrad(*args))[1])
     grads = {}
     for hopper in (False, True):
         tiles = replace(base, hopper=hopper)
         _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
         grads[hopper] = moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles)
-    assert launched == (["pp", "pp"] if n_tokens < 10000 else ["si", "sj"]), launched  # dWd, then dWg/dWu
+    # with hopper=True only: the hidden grad below HGRAD_FEW_ROWS rows per expert, then dWd, then dWg/dWu
+    assert launched == (["hidden", "pp", "pp"] if n_tokens < 10000 else ["si", "sj"]), launched
     for name, a, b in zip(("dx", "dWg", "dWu", "dWd", "dw"), grads[False], grads[True]):
-        assert torch.equal(a, b), f"{name} differs between the Triton and Hopper weight-gradient kernels"
+        diff = (a.double() - b.double()).abs().max().item()
+        assert torch.equal(a, b), f"{name} differs between the Triton and Hopper kernels (max diff {diff:.3g})"
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("dtype,F,tile", [
+    (torch.bfloat16, 200, HgradTile()),  # moe.py's tile; F not whole 128-column tiles: the last one TMA-clipped
+    (torch.float16, 200, HgradTile()),
+    (torch.bfloat16, 384, HgradTile()),
+    (torch.float16, 384, HgradTile()),
+    (torch.bfloat16, 200, HgradTile(expert_order=False)),  # moe.py's GROUP_M order
+    (torch.bfloat16, 200, HgradTile(half_rows=True)),  # half blocks as 64-row wgmmas
+    (torch.bfloat16, 200, HgradTile(stages=6, epi_n=64)),  # a 6-deep ring, 64-column store pieces
+], ids=["bf16-F200", "fp16-F200", "bf16-F384", "fp16-F384", "bf16-groupm", "bf16-halfrows", "bf16-s6e64"])
+def test_hidden_grad_matches_fp64_reference_and_triton(dtype, F, tile):
+    """z = dout_p @ Wd[e] over moe.py's routing metadata: odd row counts, half blocks (37, 64, 1, 129 rows), empty
+    experts (first, middle, last), ~160 used row blocks (several tiles per program, so both ping-pong consumers
+    and ring wrap-around run). Checked: each expert's rows against fp64 within an ulp of its largest output (fp32
+    sums, one rounding), padding rows exactly 0 (the SwiGLU backward reads them), and the whole z, NaN-poisoned
+    beforehand, identical to the bit to what moe.py's Triton kernel writes: same values, and rows outside every
+    row block (past used_rows, with NaN dout rows there) left untouched by both."""
+    import model.kernels.moe as moe
+
+    counts = [0, 37, 4100, 64, 1, 0, 6400, 9603, 129, 0]
+    E, D, K = len(counts), 256, 1
+    g = torch.Generator().manual_seed(5)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    ids_NK = ids[torch.randperm(ids.numel(), generator=g)].view(-1, K).cuda()
+    N = ids_NK.shape[0]
+    tiles = moe.default_tiles(D, F, dtype, N * K / E)
+    BM = tiles.block_m
+    assert moe_hopper.hidden_grad_fits(D, F, BM, tile)
+    row_P, block_3Mb, pad_start_E, count_E, _, used_rows_1 = moe.route_metadata(ids_NK, None, E, BM)
+    used, P = int(used_rows_1), row_P.numel()
+    x = torch.zeros(N, D, device="cuda", dtype=dtype)
+    dout = torch.randn(N, D, generator=g).to("cuda", dtype)
+    _, dout_PD = moe._gather_rows(x, dout, row_P, used_rows_1, K, BM)
+    dout_PD[used:] = float("nan")  # unwritten by the gather: no used row block may read them into a stored row
+    wd = (torch.randn(E, D, F, generator=g) * 0.05).to("cuda", dtype)
+    z = torch.full((P, F), float("nan"), device="cuda", dtype=dtype)
+    moe_hopper.hidden_grad(dout_PD, wd, block_3Mb, pad_start_E, count_E, z, tile)
+    z_tri = torch.full_like(z, float("nan"))
+    t = tiles.hidden_grad
+    moe._launch(moe._moe_hidden_grad_kernel, t, block_3Mb.shape[1] * triton.cdiv(F, t.n),
+                moe._tma(dout_PD, [BM, t.k]), moe._tma(wd, [1, t.k, t.n]), block_3Mb, z_tri, block_3Mb.shape[1], D,
+                F, PRECISION=dot_precision(dtype), BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=tiles.group_m)
+    starts, padded_end = pad_start_E.tolist(), pad_start_E.tolist()[1:] + [used]
+    for e, n in enumerate(counts):
+        r0 = starts[e]
+        ref = dout_PD[r0:r0 + n].double() @ wd[e].double()
+        err = (z[r0:r0 + n].double() - ref).abs().max().item() if n else 0.0
+        tol = torch.finfo(dtype).eps * ref.abs().max().item() if n else 0.0
+        assert err <= tol, f"expert {e} ({n} rows): max error {err:.3g} > {tol:.3g}"
+        pad = z[r0 + n:padded_end[e]]
+        assert torch.equal(pad, torch.zeros_like(pad)), f"expert {e}: padding rows must be 0"
+    assert torch.isnan(z[used:]).all(), "rows outside the row blocks must be left untouched"
+    same_nan = torch.equal(torch.isnan(z), torch.isnan(z_tri))
+    diff = (z.double() - z_tri.double()).nan_to_num(0.0).abs().max().item()
+    assert same_nan and diff == 0, f"differs from the Triton kernel: NaN pattern equal {same_nan}, max diff {diff:.3g}"

@@ -19,15 +19,19 @@ Forward, three launches after a metadata step that sorts assignments by expert w
   3. `_moe_combine_kernel`: out_n = Σ_k keep·w·y (fp32 sum, one rounding): the weighted un-permute.
 Backward, no atomics:
   `_moe_gather_rows_kernel`       x and dout in padded-row order [P, D] (zeros on padding rows), one launch
-  `_moe_hidden_grad_kernel`       z = dout_p @ Wd[e] [P, F] (unweighted)
+  `_moe_hidden_grad_kernel`       z = dout_p @ Wd[e] [P, F] (unweighted); on a Hopper GPU with under 1024 rows per
+                                  expert moe_hopper.py's ping-pong Gluon kernel instead (same rows written, same
+                                  result to the bit, ~16% faster at 384 rows per expert)
   `_moe_swiglu_bwd_kernel`        dh = w·z → dg, du [2, P, F]; hw = w·h [P, F]; dw_a = Σ_f z_f·h_f
   `_moe_weight_grad_kernel` ×2    dWd[e] = Σ_rows dout_pᵀ (w·h)_p and dWg[e], dWu[e] = Σ_rows dg_pᵀ x_p,
                                   du_pᵀ x_p: GEMMs over each expert's contiguous run of padded rows (w moved
                                   from dy onto h, so both operands go to the tensor cores as loaded); on a
                                   Hopper GPU moe_hopper.py's warp-specialized Gluon kernel instead (same sums,
-                                  same result to the bit, ~17% faster at V2-Lite shapes; `MoETiles.hopper`)
+                                  same result to the bit, ~17% faster at V2-Lite shapes)
   `_moe_input_grad_kernel`        dx_a = dg_a @ Wg[e] + du_a @ Wu[e], then the combine kernel sums
                                   each token's K rows (no weights) into dx [N, D].
+The Hopper kernels run where `moe_hopper.usable` (sm_90, 16-bit, a tested Triton) and the shapes fit, unless
+`MoETiles.hopper` is False; like the rest of the step they need no host sync.
 The row-block GEMMs run GROUP_M row blocks over all column tiles at a time (L2 reuse of the rows and
 of each expert's weights); the weight-gradient GEMMs are expert-major over the expert's contiguous
 row run. Every operand that is a contiguous tile (all but gate_up's gathered x rows and down's h, whose
@@ -367,7 +371,7 @@ class MoETiles:
     down_wgrad: Tile  # dWd [D, F] per expert (m over D, n over F, k over rows: must divide block_m)
     gate_up_wgrad: Tile  # dWg, dWu [F, D] per expert (m over F, n over D, k over rows: divides block_m)
     swiglu_bwd: Tile  # elementwise SwiGLU backward (m rows per program: divides block_m; n columns per step)
-    hopper: bool = True  # weight gradients by moe_hopper.py's Gluon kernel where `moe_hopper.usable` and it fits
+    hopper: bool = True  # hidden grad and weight gradients by moe_hopper.py's Gluon kernels where usable and they fit
 
     def fit(self, D: int, F: int) -> MoETiles:
         """Narrow the column tiles to small dimensions (power-of-two tiles, at least 16)."""
@@ -581,12 +585,15 @@ def _check(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, expert_ids_NK, weights_NK, ke
                          "descriptors need 16-byte row strides)")
 
 
-def _tma(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    """TMA descriptor of a contiguous tensor (re-allocated if its storage is not 16-byte aligned)."""
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous, re-allocated if its storage is not 16-byte aligned (TMA's requirement)."""
     t = t.contiguous()
-    if t.data_ptr() % 16:
-        t = t.clone()
-    return TensorDescriptor.from_tensor(t, block)
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def _tma(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """TMA descriptor of an input tensor (`_aligned`)."""
+    return TensorDescriptor.from_tensor(_aligned(t), block)
 
 
 def _launch(kernel, tile: Tile, n_programs: int, *args, **meta):
@@ -652,6 +659,17 @@ def _hopper_wgrad_tile(tiles: MoETiles, a_GPI: torch.Tensor, DJ: int, rows_per_e
     return tile if fits and moe_hopper.usable(a_GPI) else None
 
 
+def _hopper_hidden_grad(tiles: MoETiles, dout_PD: torch.Tensor, D: int, F: int, rows_per_expert: float) -> bool:
+    """moe_hopper's hidden-grad kernel applies (Hopper GPU, 16-bit, a tested Triton, shapes that fit, few enough rows
+    per expert for its 128 × 128 ping-pong tiles to win), else the Triton kernel runs."""
+    if not (tiles.hopper and dout_PD.is_cuda):
+        return False
+    from . import moe_hopper  # Gluon: imported on a GPU only
+
+    return (rows_per_expert < moe_hopper.HGRAD_FEW_ROWS and moe_hopper.hidden_grad_fits(D, F, tiles.block_m)
+            and moe_hopper.usable(dout_PD))
+
+
 def _weight_grad(tile: Tile, a_GPI, b_PJ, pad_start_E, count_E, c_GEIJ, prec: str, hopper_tile=None):
     if hopper_tile is not None:
         from . import moe_hopper
@@ -686,15 +704,20 @@ def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, t
     dwgu_2EFD = torch.empty(2, E, F, D, dtype=dtype, device=device)
     dwd_1EDF = torch.empty(1, E, D, F, dtype=dtype, device=device)
     dxa_AD = torch.empty(N * K, D, dtype=dtype, device=device)
+    rows_per_expert = N * K / E
     if N:
-        t = tiles.hidden_grad
-        _launch(_moe_hidden_grad_kernel, t, n_mb * triton.cdiv(F, t.n),
-                _tma(dout_PD, [BM, t.k]), _tma(w_down_EDF, [1, t.k, t.n]), block_3Mb, z_PF, n_mb, D, F,
-                PRECISION=prec, BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
+        if _hopper_hidden_grad(tiles, dout_PD, D, F, rows_per_expert):
+            from . import moe_hopper
+
+            moe_hopper.hidden_grad(dout_PD, _aligned(w_down_EDF), block_3Mb, pad_start_E, count_E, z_PF)
+        else:
+            t = tiles.hidden_grad
+            _launch(_moe_hidden_grad_kernel, t, n_mb * triton.cdiv(F, t.n),
+                    _tma(dout_PD, [BM, t.k]), _tma(w_down_EDF, [1, t.k, t.n]), block_3Mb, z_PF, n_mb, D, F,
+                    PRECISION=prec, BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
         t = tiles.swiglu_bwd
         _launch(_moe_swiglu_bwd_kernel, t, P // t.m, z_PF, gu_2PF, weights_A, row_P, used_rows_1, dgu_2PF, hw_PF,
                 dweights_A, P, F, BLOCK_R=t.m, BLOCK_F=t.n)
-    rows_per_expert = N * K / E
     _weight_grad(tiles.down_wgrad, dout_PD[None], hw_PF, pad_start_E, count_E, dwd_1EDF, prec,
                  _hopper_wgrad_tile(tiles, dout_PD[None], F, rows_per_expert))
     _weight_grad(tiles.gate_up_wgrad, dgu_2PF, x_PD, pad_start_E, count_E, dwgu_2EFD, prec,
