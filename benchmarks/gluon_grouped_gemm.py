@@ -61,8 +61,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's model/, not benchmarks/model.py
 # _pp_mainloop (the ping-pong kernel's main loop) is also imported from here by the benchmarks built on this file.
 from model.kernels import moe_hopper  # noqa: E402
-from model.kernels.moe_hopper import _col_halves  # noqa: E402
-from model.kernels.moe_hopper import _hgrad_mainloop as _pp_mainloop  # noqa: E402, F401
+from model.kernels.moe_hopper import (
+    _col_halves,  # noqa: E402
+    _pp_mainloop,  # noqa: E402, F401
+    _split_mainloop,  # noqa: E402
+)
 from model.kernels.moe_hopper import _row_block_tile as _tile_of  # noqa: E402
 
 
@@ -152,33 +155,6 @@ def gluon_hidden_grad_kernel(a_desc, b_desc, c_desc, block_ptr, n_mb, K,
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready_bars.index(i))
         mbarrier.invalidate(empty_bars.index(i))
-
-
-@gluon.jit
-def _split_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, K,
-                    HALF: gl.constexpr, W: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                    ROLE: gl.constexpr):
-    """acc [HALF, W] = this warpgroup's HALF rows of the A tiles @ the first W columns of the B tiles, over the
-    next K / BK ring slots; every slot is released (empty arrive) once the wgmma reading it has retired."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, W, 16])
-    acc = gl.zeros([HALF, W], gl.float32, acc_layout)
-    prev = 0
-    for k0 in range(0, K, BK):
-        s = it % STAGES
-        mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)
-        a = a_bufs.index(s).slice(ROLE * HALF, HALF, dim=0)
-        b = b_bufs.index(s)
-        if W < b.shape[1]:
-            b = b.slice(0, W, dim=1)
-        acc = warpgroup_mma(a, b, acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=[acc])
-        mbarrier.arrive(empty_bars.index(prev), pred=k0 > 0)
-        prev = s
-        it += 1
-    acc = warpgroup_mma_wait(0, deps=[acc])
-    mbarrier.arrive(empty_bars.index(prev))
-    return acc, it
 
 
 @gluon.jit
@@ -354,7 +330,7 @@ def parse_config(cfg):
     """'[pp|sp]BNxBKxSTAGES' + options in any order: eEPI_N, bNBUF, gGROUP_M, h, x → dict of gluon_hidden_grad's
     keywords (x: expert_order). Kinds: '' the cooperative kernel (8-warp consumer), 'pp' ping-pong, 'sp' split
     consumers; EPI_N columns per epilogue piece (sp, pp), NBUF epilogue buffers per warpgroup (sp), h: half
-    blocks as 64-row tiles (pp; sp always), x: one expert after another (pp; moe_hopper's `_hgrad_tile`)."""
+    blocks as 64-row tiles (pp; sp always), x: one expert after another (pp; moe_hopper's `_slot_tile`)."""
     m = re.fullmatch(r"(pp|sp)?(\d+)x(\d+)x(\d+)((?:[ebg]\d+|[hx])*)", cfg)
     if m is None:
         raise ValueError(f"bad config {cfg!r}")

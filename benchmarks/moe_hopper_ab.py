@@ -1,13 +1,14 @@
 """Same-process A/B of the MoE experts fwd+bwd step with the Hopper Gluon kernels off and on (GPU).
 
-    python benchmarks/moe_hopper_ab.py [--n 4096,8192,16384] [--rounds 5] [--profile-steps 10]
+    python benchmarks/moe_hopper_ab.py [--n 4096,8192,16384] [--rounds 5] [--profile-steps 10] [--drop]
 
-Three arms: `MoETiles.hopper` False (moe.py's Triton kernels), True with the hidden grad held on the Triton kernel
-(`moe._hopper_hidden_grad` patched to False: the Hopper weight-gradient kernel alone), and True
-(model/kernels/moe_hopper.py's hidden-grad and weight-gradient kernels where `usable`). V2-Lite expert shapes in
-bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64), `moe_experts_fwd` + `moe_experts_bwd` timed
+Three arms: `MoETiles.hopper` False (moe.py's Triton kernels), True with the input grad held on the Triton kernel
+(`moe._hopper_igrad_tile` patched to None: the Hopper hidden-grad and weight-gradient kernels), and True (every
+model/kernels/moe_hopper.py kernel where `usable` and it fits). V2-Lite expert shapes in
+bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64; --drop: 10% of the assignments dropped, as
+its "drop10%" rows), `moe_experts_fwd` + `moe_experts_bwd` timed
 by do_bench (median, L2 flushed) in alternating rounds; prints each arm's median, min-max and % of the H100 bf16
-peak, and whether its gradients are identical to the bit to the Triton arm's.
+peak, and per gradient whether it is identical to the bit to the Triton arm's (else its rel.err).
 """
 
 from __future__ import annotations
@@ -46,39 +47,48 @@ def profile(step, arms, n_tokens: int, steps: int) -> None:
               flush=True)
 
 
-def ab(n_tokens: int, rounds: int, profile_steps: int) -> None:
+def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool) -> None:
     torch.manual_seed(0)
     wg, wu = ((torch.randn(E, F, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2))
     wd = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(n_tokens, D, device="cuda", dtype=torch.bfloat16)
     w_NK, ids_NK = torch.randn(n_tokens, E, device="cuda").softmax(-1).topk(K, dim=-1)
     dout = torch.randn(n_tokens, D, device="cuda", dtype=torch.bfloat16)
+    keep_NK = (torch.rand(n_tokens, K, device="cuda") > 0.1) if drop else None
     base = moe.default_tiles(D, F, torch.bfloat16, n_tokens * K / E)
 
-    real_hidden = moe._hopper_hidden_grad
-    arms = {"triton": (False, True), "hopper wgrad": (True, False), "hopper all": (True, True)}
+    real_igrad = moe._hopper_igrad_tile
+    arms = {"triton": (False, True), "hopper no ig": (True, False), "hopper all": (True, True)}
 
     def step(arm: str):
-        hopper, hidden = arms[arm]
-        moe._hopper_hidden_grad = real_hidden if hidden else (lambda *args: False)
+        hopper, igrad = arms[arm]
+        moe._hopper_igrad_tile = real_igrad if igrad else (lambda *args: None)
         try:
             tiles = replace(base, hopper=hopper)
-            _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
+            _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, keep_NK, save_for_backward=True,
+                                             tiles=tiles)
             return moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles)
         finally:
-            moe._hopper_hidden_grad = real_hidden
+            moe._hopper_igrad_tile = real_igrad
 
     ref = step("triton")
-    same = {arm: all(torch.equal(a, b) for a, b in zip(ref, step(arm))) for arm in arms}
+    diff = {}
+    for arm in arms:  # per gradient: "=" identical to the bit to the Triton arm's, else its rel.err
+        grads = step(arm)
+        diff[arm] = " ".join("=" if torch.equal(a, b) else f"{((a.double() - b.double()).norm() / b.double().norm()):.1e}"
+                             for a, b in zip(grads, ref))
     times = {arm: [] for arm in arms}
     for _ in range(rounds):
         for arm in times:
             times[arm].append(triton.testing.do_bench(lambda a=arm: step(a), warmup=25, rep=150, return_mode="median"))
-    flops = 18 * n_tokens * K * D * F
+    kept = n_tokens * K if keep_NK is None else int(keep_NK.sum())  # useful FLOPs: kept assignments only
+    flops = 18 * kept * D * F
     for arm, ts in times.items():
         med = statistics.median(ts)
-        print(f"N={n_tokens} {arm:12s} median {med:.3f} ms ({100 * flops / med / 1e9 / PEAK_TFLOPS:.1f}% of peak), "
-              f"min-max {min(ts):.3f}-{max(ts):.3f}; gradients identical to the Triton arm's: {same[arm]}", flush=True)
+        label = f"N={n_tokens}{' drop10%' if drop else ''} {arm:12s}"
+        print(f"{label} median {med:.3f} ms ({100 * flops / med / 1e9 / PEAK_TFLOPS:.1f}% of peak), "
+              f"min-max {min(ts):.3f}-{max(ts):.3f}; gradients (dx dWg dWu dWd dw) vs the Triton arm's: {diff[arm]}",
+              flush=True)
     if profile_steps:
         profile(step, arms, n_tokens, profile_steps)
 
@@ -87,6 +97,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", default="4096,8192,16384")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--drop", action="store_true", help="drop 10%% of the assignments (capacity)")
     parser.add_argument("--profile-steps", type=int, default=0, help="then each arm's kernel device times over "
                         "this many steps (torch profiler)")
     args = parser.parse_args()
@@ -94,7 +105,7 @@ def main():
         sys.exit("benchmarks/moe_hopper_ab.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for n in (int(v) for v in args.n.split(",") if v):
-        ab(n, args.rounds, args.profile_steps)
+        ab(n, args.rounds, args.profile_steps, args.drop)
         torch.cuda.empty_cache()
 
 

@@ -1,6 +1,6 @@
-"""model/kernels/moe_hopper.py: the Gluon weight-gradient and hidden-grad kernels against fp64 references (the
-hidden grad also against moe.py's Triton kernel, rows written included), and the MoE step with the Hopper kernels on
-and off. The kernels run only on a Hopper GPU (sm_90) with a tested Triton (`usable`); on other machines only the
+"""model/kernels/moe_hopper.py: the Gluon weight-gradient, hidden-grad and input-grad kernels against fp64 references
+(the row-block ones also against moe.py's Triton kernels, rows written included), and the MoE step with the Hopper
+kernels on and off. The kernels run only on a Hopper GPU (sm_90) with a tested Triton (`usable`); on other machines only the
 host-side checks run here, and moe.py runs its Triton kernels."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import triton
 
 from model.kernels import moe_hopper
 from model.kernels._util import dot_precision
-from model.kernels.moe_hopper import HgradTile, WgradTile
+from model.kernels.moe_hopper import HgradTile, IgradTile, WgradTile
 
 HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
           and moe_hopper.usable(torch.empty(1, device="cuda", dtype=torch.bfloat16)))
@@ -63,6 +63,23 @@ def test_hidden_grad_rejects_mismatched_shapes():
         moe_hopper.hidden_grad(dout[:, :96], wd[:, :96], block, start, count, torch.zeros(256, 64))
 
 
+def test_input_grad_tile_choice_fit_and_shape_checks():
+    assert not moe_hopper.igrad_tile(384).split and moe_hopper.igrad_tile(1536).split
+    assert moe_hopper.input_grad_fits(2048, 1408, 128, moe_hopper.igrad_tile(384))
+    assert moe_hopper.input_grad_fits(2048, 1408, 128, moe_hopper.igrad_tile(1536))
+    assert not moe_hopper.input_grad_fits(2048, 1400, 128, IgradTile())  # a K step would cross into the next expert
+    assert not moe_hopper.input_grad_fits(200, 1408, 128, IgradTile())  # no whole 128-column tiles
+    assert not moe_hopper.input_grad_fits(2048, 1408, 64, IgradTile())  # other row blocks than the kernel's
+    dgu, w = torch.zeros(2, 128, 64), torch.zeros(3, 64, 128)
+    table, expert = torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="do not fit together"):
+        moe_hopper.input_grad(dgu, w, torch.zeros(3, 64, 64), torch.zeros(128, dtype=torch.int32), table, expert,
+                              expert, torch.zeros(100, 128), IgradTile())
+    with pytest.raises(ValueError, match="does not fit"):
+        moe_hopper.input_grad(dgu, w, w, torch.zeros(128, dtype=torch.int32), table, expert, expert,
+                              torch.zeros(100, 128), IgradTile(block_n=256))
+
+
 def _padded_rows(counts: list[int], G: int, DI: int, DJ: int, dtype, seed: int):
     """A [G, P, DI], B [P, DJ] in moe.py's layout: each expert's rows padded with zero rows to a multiple of 64."""
     g = torch.Generator().manual_seed(seed)
@@ -109,10 +126,11 @@ def test_weight_grad_matches_fp32_reference(dtype, G, DI, DJ, tile, few_rows):
 @hopper_only
 @pytest.mark.parametrize("n_tokens", [333, 4096, 16384])
 def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
-    """The whole moe_experts fwd+bwd at V2-Lite expert shapes (below 1024 rows per expert the Hopper hidden grad and
-    ping-pong weight-gradient tiles, at 16384 tokens split weight-gradient tiles and the Triton hidden grad): the
-    Hopper kernels give the Triton kernels' gradients to the bit (fp32 sums over the same 64-wide steps in the same
-    order, k16 wgmmas either way), and the Hopper paths were taken."""
+    """The whole moe_experts fwd+bwd at V2-Lite expert shapes (below 1024 rows per expert the Hopper hidden grad,
+    ping-pong weight-gradient and input-grad tiles; at 16384 tokens the split ones and the Triton hidden grad): the
+    Hopper hidden and weight gradients equal the Triton kernels' to the bit (fp32 sums over the same 64-wide steps
+    in the same order, k16 wgmmas either way), dx within the rounding of its other summation order, and the Hopper
+    paths were taken."""
     import model.kernels.moe as moe
 
     torch.manual_seed(0)
@@ -130,16 +148,26 @@ def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
     monkeypatch.setattr(moe_hopper, "weight_grad",
                         lambda *args: (launched.append(args[-1].kind), real_wgrad(*args))[1])
     monkeypatch.setattr(moe_hopper, "hidden_grad", lambda *args: (launched.append("hidden"), real_hgrad(*args))[1])
+    real_igrad = moe_hopper.input_grad
+    monkeypatch.setattr(moe_hopper, "input_grad",
+                        lambda *args: (launched.append("split" if args[-1].split else "input"), real_igrad(*args))[1])
     grads = {}
     for hopper in (False, True):
         tiles = replace(base, hopper=hopper)
         _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
         grads[hopper] = moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles)
-    # with hopper=True only: the hidden grad below HGRAD_FEW_ROWS rows per expert, then dWd, then dWg/dWu
-    assert launched == (["hidden", "pp", "pp"] if n_tokens < 10000 else ["si", "sj"]), launched
+    # with hopper=True only: the hidden grad below HGRAD_FEW_ROWS rows per expert, dWd, dWg/dWu, the input grad
+    few = n_tokens < 10000
+    assert launched == (["hidden", "pp", "pp", "input"] if few else ["si", "sj", "split"]), launched
     for name, a, b in zip(("dx", "dWg", "dWu", "dWd", "dw"), grads[False], grads[True]):
         diff = (a.double() - b.double()).abs().max().item()
-        assert torch.equal(a, b), f"{name} differs between the Triton and Hopper kernels (max diff {diff:.3g})"
+        if name == "dx":  # the input grad's two K segments are summed in another order: last bits of dxa rows
+            scale = a.double().abs().max().item()
+            rel = ((a.double() - b.double()).norm() / a.double().norm()).item()
+            eps = torch.finfo(a.dtype).eps
+            assert diff <= 2 * eps * scale and rel <= eps / 8, f"dx: max diff {diff:.3g}, rel.err {rel:.3g}"
+        else:
+            assert torch.equal(a, b), f"{name} differs between the Triton and Hopper kernels (max diff {diff:.3g})"
 
 
 @pytest.mark.gpu
@@ -198,3 +226,60 @@ def test_hidden_grad_matches_fp64_reference_and_triton(dtype, F, tile):
     same_nan = torch.equal(torch.isnan(z), torch.isnan(z_tri))
     diff = (z.double() - z_tri.double()).nan_to_num(0.0).abs().max().item()
     assert same_nan and diff == 0, f"differs from the Triton kernel: NaN pattern equal {same_nan}, max diff {diff:.3g}"
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("dtype,tile", [
+    (torch.bfloat16, IgradTile()),  # moe.py's tile below 1024 rows per expert
+    (torch.float16, IgradTile()),
+    (torch.bfloat16, IgradTile(block_n=256, stages=3, split=True)),  # moe.py's tile above
+    (torch.float16, IgradTile(block_n=256, stages=3, split=True)),
+    (torch.bfloat16, IgradTile(convert=False)),  # stores from the accumulator registers
+    (torch.bfloat16, IgradTile(expert_order=False)),  # moe.py's GROUP_M order
+    (torch.bfloat16, IgradTile(half_rows=True)),  # half blocks as 64-row wgmmas
+    (torch.bfloat16, IgradTile(epi_n=64)),  # two scatter pieces per tile
+], ids=["bf16", "fp16", "bf16-split", "fp16-split", "bf16-noconvert", "bf16-groupm", "bf16-halfrows", "bf16-e64"])
+def test_input_grad_matches_fp64_reference_and_triton(dtype, tile):
+    """dx_a = dg_p @ Wg[e] + du_p @ Wu[e] scattered to a = row_P[p] over moe.py's routing metadata: odd row counts,
+    half blocks, empty experts (first, middle, last), ~160 used row blocks (several tiles per program: both
+    consumers and ring wrap-around run). Every assignment's row against fp64 within an ulp of its expert's largest
+    output (fp32 sums, one rounding) and within that of moe.py's Triton kernel; an out row no assignment owns stays
+    untouched; padding rows (NaN here) are never stored."""
+    import model.kernels.moe as moe
+
+    counts = [0, 37, 4100, 64, 1, 0, 6400, 9603, 129, 0]
+    E, D, F, K = len(counts), 256, 192, 1
+    g = torch.Generator().manual_seed(6)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    ids_NK = ids[torch.randperm(ids.numel(), generator=g)].view(-1, K).cuda()
+    N = ids_NK.shape[0]
+    tiles = moe.default_tiles(D, F, dtype, N * K / E)
+    BM = tiles.block_m
+    assert moe_hopper.input_grad_fits(D, F, BM, tile)
+    row_P, block_3Mb, pad_start_E, count_E, _, _ = moe.route_metadata(ids_NK, None, E, BM)
+    P = row_P.numel()
+    dgu = torch.randn(2, P, F, generator=g).to("cuda", dtype)
+    dgu[:, row_P < 0] = float("nan")  # padding rows and rows past the used ones: never stored
+    wg, wu = ((torch.randn(E, F, D, generator=g) * 0.05).to("cuda", dtype) for _ in range(2))
+    out = torch.full((N * K + 1, D), float("nan"), device="cuda", dtype=dtype)  # the last row: owned by no one
+    moe_hopper.input_grad(dgu, wg, wu, row_P, block_3Mb, pad_start_E, count_E, out, tile)
+    out_tri = torch.full_like(out, float("nan"))
+    t = tiles.input_grad
+    moe._launch(moe._moe_input_grad_kernel, t, block_3Mb.shape[1] * triton.cdiv(D, t.n),
+                moe._tma(dgu.view(2 * P, F), [BM, t.k]), moe._tma(wg, [1, t.k, t.n]), moe._tma(wu, [1, t.k, t.n]),
+                row_P, block_3Mb, out_tri, block_3Mb.shape[1], P, D, F, PRECISION=dot_precision(dtype), BLOCK_M=BM,
+                BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=tiles.group_m)
+    assert torch.isnan(out[-1]).all(), "a row no assignment owns must be left untouched"
+    starts, eps = pad_start_E.tolist(), torch.finfo(dtype).eps
+    for e, n in enumerate(counts):
+        rows = torch.arange(starts[e], starts[e] + n, device="cuda")
+        if not n:
+            continue
+        a = row_P[rows].long()
+        ref = dgu[0, rows].double() @ wg[e].double() + dgu[1, rows].double() @ wu[e].double()
+        tol = eps * ref.abs().max().item()
+        err = (out[a].double() - ref).abs().max().item()
+        assert err <= tol, f"expert {e} ({n} rows): max error {err:.3g} > {tol:.3g}"
+        diff = (out[a].double() - out_tri[a].double()).abs().max().item()
+        assert diff <= tol, f"expert {e}: differs from the Triton kernel by {diff:.3g} > {tol:.3g}"

@@ -28,8 +28,10 @@ Backward, no atomics:
                                   from dy onto h, so both operands go to the tensor cores as loaded); on a
                                   Hopper GPU moe_hopper.py's warp-specialized Gluon kernel instead (same sums,
                                   same result to the bit, ~17% faster at V2-Lite shapes)
-  `_moe_input_grad_kernel`        dx_a = dg_a @ Wg[e] + du_a @ Wu[e], then the combine kernel sums
-                                  each token's K rows (no weights) into dx [N, D].
+  `_moe_input_grad_kernel`        dx_a = dg_a @ Wg[e] + du_a @ Wu[e] (on a Hopper GPU moe_hopper.py's Gluon
+                                  kernel instead: ~15% faster, the two K segments summed in another order, so
+                                  dx differs in the last bits), then the combine kernel sums each token's K rows
+                                  (no weights) into dx [N, D].
 The Hopper kernels run where `moe_hopper.usable` (sm_90, 16-bit, a tested Triton) and the shapes fit, unless
 `MoETiles.hopper` is False; like the rest of the step they need no host sync.
 The row-block GEMMs run GROUP_M row blocks over all column tiles at a time (L2 reuse of the rows and
@@ -371,7 +373,7 @@ class MoETiles:
     down_wgrad: Tile  # dWd [D, F] per expert (m over D, n over F, k over rows: must divide block_m)
     gate_up_wgrad: Tile  # dWg, dWu [F, D] per expert (m over F, n over D, k over rows: divides block_m)
     swiglu_bwd: Tile  # elementwise SwiGLU backward (m rows per program: divides block_m; n columns per step)
-    hopper: bool = True  # hidden grad and weight gradients by moe_hopper.py's Gluon kernels where usable and they fit
+    hopper: bool = True  # hidden, input and weight gradients by moe_hopper.py's Gluon kernels where usable, fitting
 
     def fit(self, D: int, F: int) -> MoETiles:
         """Narrow the column tiles to small dimensions (power-of-two tiles, at least 16)."""
@@ -670,6 +672,17 @@ def _hopper_hidden_grad(tiles: MoETiles, dout_PD: torch.Tensor, D: int, F: int, 
             and moe_hopper.usable(dout_PD))
 
 
+def _hopper_igrad_tile(tiles: MoETiles, dgu_2PF: torch.Tensor, D: int, F: int, rows_per_expert: float):
+    """moe_hopper's input-grad launch shape when its kernel applies (Hopper GPU, 16-bit, a tested Triton, shapes
+    that fit), else None: the Triton kernel runs."""
+    if not (tiles.hopper and dgu_2PF.is_cuda):
+        return None
+    from . import moe_hopper  # Gluon: imported on a GPU only
+
+    tile = moe_hopper.igrad_tile(rows_per_expert)
+    return tile if moe_hopper.input_grad_fits(D, F, tiles.block_m, tile) and moe_hopper.usable(dgu_2PF) else None
+
+
 def _weight_grad(tile: Tile, a_GPI, b_PJ, pad_start_E, count_E, c_GEIJ, prec: str, hopper_tile=None):
     if hopper_tile is not None:
         from . import moe_hopper
@@ -722,7 +735,13 @@ def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, t
                  _hopper_wgrad_tile(tiles, dout_PD[None], F, rows_per_expert))
     _weight_grad(tiles.gate_up_wgrad, dgu_2PF, x_PD, pad_start_E, count_E, dwgu_2EFD, prec,
                  _hopper_wgrad_tile(tiles, dgu_2PF, D, rows_per_expert))
-    if N:
+    igrad_tile = _hopper_igrad_tile(tiles, dgu_2PF, D, F, rows_per_expert) if N else None
+    if igrad_tile is not None:
+        from . import moe_hopper
+
+        moe_hopper.input_grad(dgu_2PF, _aligned(w_gate_EFD), _aligned(w_up_EFD), row_P, block_3Mb, pad_start_E,
+                              count_E, dxa_AD, igrad_tile)
+    elif N:
         t = tiles.input_grad
         _launch(_moe_input_grad_kernel, t, n_mb * triton.cdiv(D, t.n),
                 _tma(dgu_2PF.view(2 * P, F), [BM, t.k]), _tma(w_gate_EFD, [1, t.k, t.n]), _tma(w_up_EFD, [1, t.k, t.n]),

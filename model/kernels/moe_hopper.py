@@ -36,12 +36,23 @@ first row, rows = 128 or 64), moe.py's `_moe_hidden_grad_kernel`'s product, rows
 Persistent grid, TMA producer (default partition) filling a 5-deep ring of dout [128, 64] and Wd [64, 128] tiles
 (Wd read as one [E·D, F] matrix: D % 64 == 0 keeps a step inside Wd[e]; TMA zero-fills past F and clips the store),
 two ping-pong consumers on alternate 128 × 128 tiles, each tile stored in 64-row halves (the second only for a full
-block). Tile order: one expert after another, its column tiles outer and its row blocks inner (`_hgrad_tile`,
+block). Tile order: one expert after another, its column tiles outer and its row blocks inner (`_slot_tile`,
 computed in the kernel from the block table and pad_start_E / count_E, so no host-built list and no device sync),
 which keeps fewer experts' weights in flight per wave than moe.py's GROUP_M order (also available, `HgradTile`).
 Measured on an H100 at N=4096 (benchmarks/gluon_grouped_gemm.py `pp128x64x5x`, the order then a host list):
 0.255-0.261 ms vs 0.295-0.318 for the Triton kernel; inside the step 0.248 vs 0.294 ms at 384 rows per expert,
 output bit-identical, but 1.027 vs 0.989 at 1536 rows, so moe.py runs it below `HGRAD_FEW_ROWS` rows per expert.
+
+Input grad (`input_grad`): dx_a = dg_p @ Wg[e] + du_p @ Wu[e] for the rows p of every used slot, scattered to their
+assignments a = row_P[p] (padding rows, row_P = −1, not stored), moe.py's `_moe_input_grad_kernel`'s product. The
+producer fills one ring with the F / 64 steps of (dg rows, Wg[e] tile) and then the F / 64 steps of (du rows,
+Wu[e] tile) per tile (dgu read as [2P, F], the weights as [E·F, D]); ping-pong consumers on 128 × 128 tiles below
+FEW_ROWS rows per expert, both consumers on one 128 × 256 tile (64 rows each, `_split_mainloop`) above; the same
+expert tile order (`_slot_tile`). Hopper TMA cannot scatter rows, so the epilogue stores with pointers, after a
+layout conversion to 8 consecutive columns per thread (16-byte stores; from the accumulator registers each output
+sector was written in two halves). Measured on an H100 (benchmarks/gluon_input_grad.py): N=4096 0.523 ms vs 0.618
+for the Triton kernel, N=16384 1.904 vs 2.080; inside the step 0.58 → 0.48 ms at N=4096. The two K segments are
+summed in another order than the Triton kernel's (which interleaves them), so dx differs from it in the last bits.
 
 Written against the Gluon API of Triton 3.6 (`usable` checks the version: Gluon is experimental and its API moves
 between releases; Triton 3.9, for one, renamed the TMA copies to `tma.async_load` / `async_store`).
@@ -338,7 +349,7 @@ def _row_block_tile(t, n_mb, n_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
-def _hgrad_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM: gl.constexpr, N_COLS: gl.constexpr,
+def _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM: gl.constexpr, N_COLS: gl.constexpr,
                 GROUP_M: gl.constexpr, EXPERT_ORDER: gl.constexpr):
     """Tile t of n_mb · N_COLS → (expert or −1 for an unused slot, row-block slot, column tile).
     EXPERT_ORDER: one expert after another, its column tiles outer and its row blocks inner. The block table
@@ -378,7 +389,7 @@ def _hgrad_producer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, c
     half_bytes: gl.constexpr = a_half_desc.block_type.nbytes + b_desc.block_type.nbytes
     it = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        e, m, n = _hgrad_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
+        e, m, n = _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
         if e >= 0:
             p0 = gl.load(block_ptr + n_mb + m)
             if HALF_ROWS:
@@ -400,7 +411,7 @@ def _hgrad_producer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, c
 
 
 @gluon.jit
-def _hgrad_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, k_steps, ROWS: gl.constexpr, BN: gl.constexpr,
+def _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, k_steps, ROWS: gl.constexpr, BN: gl.constexpr,
                     STAGES: gl.constexpr):
     """acc [ROWS, BN] = Σ over the next k_steps ring slots of A_slot[:ROWS] @ B_slot, one wgmma group in flight;
     every slot but the last is released as soon as the wgmma reading it has retired. Returns (acc, last slot, it)."""
@@ -442,7 +453,7 @@ def _hgrad_consumer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, c
     k_steps = K // BK
     j = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        e, m, n = _hgrad_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
+        e, m, n = _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
         if e >= 0:
             if j % 2 == ROLE:
                 mbarrier.wait(turn_bars.index(ROLE), ((j // 2) & 1) ^ (1 - ROLE))  # consumer 0 passes at once
@@ -453,14 +464,14 @@ def _hgrad_consumer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, c
                 else:
                     half = False  # compile-time: only the full-tile branch is built
                 if half:
-                    acc_h, prev, it = _hgrad_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
+                    acc_h, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
                                                       BM // 2, BN, STAGES)  # (own name: branches merge by name)
                     mbarrier.arrive(turn_bars.index(1 - ROLE))  # all this tile's slots waited on: the other's turn
                     acc_h = warpgroup_mma_wait(0, deps=[acc_h])
                     mbarrier.arrive(empty_bars.index(prev))
                     _epilogue_store(c_desc, c_smem, acc_h, p0, n * BN, rows, EPI_N)
                 else:
-                    acc, prev, it = _hgrad_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
+                    acc, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
                                                     BM, BN, STAGES)
                     mbarrier.arrive(turn_bars.index(1 - ROLE))
                     acc = warpgroup_mma_wait(0, deps=[acc])
@@ -527,7 +538,7 @@ class HgradTile:
     half_rows: bool = False
     """A half block as HGRAD_BLOCK_M / 2-row wgmmas (measured no faster on an H100: benchmarks/README.md)."""
     expert_order: bool = True
-    """Tiles one expert after another (`_hgrad_tile`), else moe.py's GROUP_M order."""
+    """Tiles one expert after another (`_slot_tile`), else moe.py's GROUP_M order."""
     group_m: int = 8
     """Row blocks per group of the GROUP_M order."""
 
@@ -585,3 +596,309 @@ def hidden_grad(dout_PD: torch.Tensor, wd_EDF: torch.Tensor, block_3Mb: torch.Te
                                                STAGES=tile.stages, GROUP_M=tile.group_m, N_COLS=n_cols,
                                                HALF_ROWS=tile.half_rows, EXPERT_ORDER=tile.expert_order,
                                                num_warps=4, maxnreg=168)
+
+
+# ----------------------------------------------------------------------------------------------- input grad
+@gluon.jit
+def _split_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, K,
+                    HALF: gl.constexpr, W: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                    ROLE: gl.constexpr):
+    """acc [HALF, W] = this warpgroup's HALF rows of the A tiles @ the first W columns of the B tiles, over the
+    next K / BK ring slots; every slot is released (empty arrive) once the wgmma reading it has retired."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, W, 16])
+    acc = gl.zeros([HALF, W], gl.float32, acc_layout)
+    prev = 0
+    for k0 in range(0, K, BK):
+        s = it % STAGES
+        mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)
+        a = a_bufs.index(s).slice(ROLE * HALF, HALF, dim=0)
+        b = b_bufs.index(s)
+        if W < b.shape[1]:
+            b = b.slice(0, W, dim=1)
+        acc = warpgroup_mma(a, b, acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        mbarrier.arrive(empty_bars.index(prev), pred=k0 > 0)
+        prev = s
+        it += 1
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(empty_bars.index(prev))
+    return acc, it
+
+
+@gluon.jit
+def _igrad_producer(a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+                    a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F,
+                    BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                    N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr,
+                    CONVERT: gl.constexpr, EPI_N: gl.constexpr, ROLE: gl.constexpr):
+    """TMA producer: for each used tile, F / BK ring slots of (dg rows, Wg[e] tile), then F / BK of (du rows,
+    Wu[e] tile). With HALF_ROWS a half block's A tiles are its 64 rows only (first half of the slot)."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    full_bytes: gl.constexpr = a_desc.block_type.nbytes + bg_desc.block_type.nbytes
+    half_bytes: gl.constexpr = a_half_desc.block_type.nbytes + bg_desc.block_type.nbytes
+    HALF_LIM: gl.constexpr = BM // 2 if HALF_ROWS else 0  # rows <= HALF_LIM: a half block loaded as one
+    it = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        e, m, n = _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
+        if e >= 0:
+            p0 = gl.load(block_ptr + n_mb + m)
+            half = gl.load(block_ptr + 2 * n_mb + m) <= HALF_LIM
+            for seg in gl.static_range(2):  # plane 0 = dg against Wg, plane 1 = du against Wu
+                for k0 in range(0, F, BK):
+                    s = it % STAGES
+                    mbarrier.wait(empty_bars.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass parity 1
+                    if half:
+                        mbarrier.expect(ready_bars.index(s), half_bytes)
+                        tma.async_copy_global_to_shared(a_half_desc, [seg * P + p0, k0], ready_bars.index(s),
+                                                        a_bufs.index(s).slice(0, BM // 2))
+                    else:
+                        mbarrier.expect(ready_bars.index(s), full_bytes)
+                        tma.async_copy_global_to_shared(a_desc, [seg * P + p0, k0], ready_bars.index(s),
+                                                        a_bufs.index(s))
+                    if seg == 0:
+                        tma.async_copy_global_to_shared(bg_desc, [e * F + k0, n * BN], ready_bars.index(s),
+                                                        b_bufs.index(s))
+                    else:
+                        tma.async_copy_global_to_shared(bu_desc, [e * F + k0, n * BN], ready_bars.index(s),
+                                                        b_bufs.index(s))
+                    it += 1
+
+
+@gluon.jit
+def _scatter_piece(x, row_ptr, out_ptr, p0, n0, rows, D, CONVERT: gl.constexpr):
+    """x [R, W] fp32 → out[row[p0 + r], n0 : n0 + W] for r < rows with row ≥ 0 (padding rows skipped), as bf16
+    pointer stores: from the accumulator layout (4-byte pieces), or, with CONVERT, after a layout conversion to
+    8 consecutive columns per thread (16-byte stores, a warp writing whole 128–512-byte row segments)."""
+    R: gl.constexpr = x.shape[0]
+    W: gl.constexpr = x.shape[1]
+    y = x.to(out_ptr.dtype.element_ty)
+    if CONVERT:
+        TC: gl.constexpr = 32 if W >= 256 else W // 8  # threads along a row
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TC, TC], [4, 1], [1, 0])
+        y = gl.convert_layout(y, layout)
+    else:
+        layout: gl.constexpr = x.type.layout
+    r = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+    a = gl.load(row_ptr + p0 + r, mask=r < rows, other=-1)
+    c = gl.arange(0, W, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(a.to(gl.int64) * D, 1) + gl.expand_dims(n0 + c, 0)
+    mask = gl.expand_dims(a >= 0, 1) & gl.expand_dims(c < W, 0)
+    gl.store(out_ptr + offs, y, mask=mask)
+
+
+@gluon.jit
+def _scatter(acc, row_ptr, out_ptr, p0, n0, rows, D, CONVERT: gl.constexpr, EPI_N: gl.constexpr):
+    """acc [R, W] → its rows' assignments, in W / EPI_N column pieces (1 or 2; CONVERT only: the conversion's
+    shared-memory scratch is one piece)."""
+    if CONVERT and acc.shape[1] > EPI_N:
+        lo, hi = _col_halves(acc)
+        _scatter_piece(lo, row_ptr, out_ptr, p0, n0, rows, D, CONVERT)
+        _scatter_piece(hi, row_ptr, out_ptr, p0, n0 + EPI_N, rows, D, CONVERT)
+    else:
+        _scatter_piece(acc, row_ptr, out_ptr, p0, n0, rows, D, CONVERT)
+
+
+@gluon.jit
+def _igrad_pp_turn(a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, row_ptr, out_ptr, j, k_steps, p0, n0, rows, D,
+                   ROWS: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, CONVERT: gl.constexpr,
+                   EPI_N: gl.constexpr, ROLE: gl.constexpr):
+    """One ping-pong consumer's tile j (its ring slots start at j·k_steps): main loop, pass the turn once all its
+    slots were waited on, retire the last wgmma, release its slot, scatter the ROWS x BN accumulator."""
+    acc, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps, ROWS, BN, STAGES)
+    mbarrier.arrive(turn_bars.index(1 - ROLE))
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    mbarrier.arrive(empty_bars.index(prev))
+    _scatter(acc, row_ptr, out_ptr, p0, n0, rows, D, CONVERT, EPI_N)
+
+
+@gluon.jit
+def _igrad_pp_consumer(a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+                       a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F,
+                       BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                       N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr,
+                       CONVERT: gl.constexpr, EPI_N: gl.constexpr, ROLE: gl.constexpr):
+    """Ping-pong consumer ROLE: takes the used tiles j with j % 2 == ROLE; before its main loop it waits for its
+    turn (the other consumer has waited on all slots of the tile before), which keeps every ready barrier within
+    one phase of the parity waited for (`_hgrad_consumer` says why)."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    HALF_LIM: gl.constexpr = BM // 2 if HALF_ROWS else 0
+    k_steps = 2 * (F // BK)
+    j = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        e, m, n = _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
+        if e >= 0:
+            if j % 2 == ROLE:
+                mbarrier.wait(turn_bars.index(ROLE), ((j // 2) & 1) ^ (1 - ROLE))  # consumer 0 passes at once
+                p0 = gl.load(block_ptr + n_mb + m)
+                rows = gl.load(block_ptr + 2 * n_mb + m)
+                if rows <= HALF_LIM:
+                    _igrad_pp_turn(a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, row_ptr, out_ptr, j, k_steps,
+                                   p0, n * BN, rows, D, BM // 2, BN, STAGES, CONVERT, EPI_N, ROLE)
+                else:
+                    _igrad_pp_turn(a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, row_ptr, out_ptr, j, k_steps,
+                                   p0, n * BN, rows, D, BM, BN, STAGES, CONVERT, EPI_N, ROLE)
+            j += 1
+
+
+@gluon.jit
+def _igrad_split_consumer(a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+                          a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F,
+                          BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                          N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr,
+                          CONVERT: gl.constexpr, EPI_N: gl.constexpr, ROLE: gl.constexpr):
+    """Row half ROLE (64 rows) of every 128 x BN tile (`_split_mainloop` releases each slot; empty count 2). On
+    a half block the second warpgroup only passes its slots on (its rows belong to the next expert)."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    HALF: gl.constexpr = BM // 2
+    k_steps = 2 * (F // BK)
+    it = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        e, m, n = _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
+        if e >= 0:
+            rows = gl.load(block_ptr + 2 * n_mb + m) - ROLE * HALF
+            if rows > 0:
+                acc, it = _split_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, k_steps * BK, HALF, BN, BK,
+                                          STAGES, ROLE)
+                _scatter(acc, row_ptr, out_ptr, gl.load(block_ptr + n_mb + m) + ROLE * HALF, n * BN, rows, D,
+                         CONVERT, EPI_N)
+            else:
+                for _ in range(k_steps):
+                    s = it % STAGES
+                    mbarrier.wait(ready_bars.index(s), (it // STAGES) & 1)
+                    mbarrier.arrive(empty_bars.index(s))
+                    it += 1
+
+
+@gluon.jit
+def _input_grad_kernel(a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr,
+                       out_ptr, n_tiles, n_mb, P, D, F,
+                       BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                       N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr,
+                       CONVERT: gl.constexpr, EPI_N: gl.constexpr, SPLIT: gl.constexpr):
+    """dx[row[p]] = dg_p @ Wg[e] + du_p @ Wu[e] for the rows p of every used row-block slot (module docstring).
+    Default partition (num_warps = 4) = TMA producer; two 4-warp consumers, ping-pong or (SPLIT) on one tile."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(bg_desc.dtype, [STAGES, BK, BN], bg_desc.layout)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=2 if SPLIT else 1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bars.index(i), count=1)
+    fence_async_shared()
+    # (the argument tuples written out: a tuple built by concatenation turned the constexprs into tensors)
+    if SPLIT:
+        gl.warp_specialize([
+            (_igrad_producer,
+             (a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, 0)),
+            (_igrad_split_consumer,
+             (a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, 0)),
+            (_igrad_split_consumer,
+             (a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, 1)),
+        ], [4, 4], [232, 232])
+    else:
+        gl.warp_specialize([
+            (_igrad_producer,
+             (a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, 0)),
+            (_igrad_pp_consumer,
+             (a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, 0)),
+            (_igrad_pp_consumer,
+             (a_desc, a_half_desc, bg_desc, bu_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, 1)),
+        ], [4, 4], [232, 232])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready_bars.index(i))
+        mbarrier.invalidate(empty_bars.index(i))
+
+
+@dataclass(frozen=True)
+class IgradTile:
+    """One input-grad launch shape: ping-pong consumers on 128 × block_n tiles, or both on one (split)."""
+
+    block_n: int = 128
+    """Output columns per tile (over D); divides D."""
+    block_k: int = 64
+    """Reduction step over F; divides F (a step stays inside one expert's Wg[e] / Wu[e])."""
+    stages: int = 5
+    """Depth of the shared-memory ring (deeper rings read up to twice the DRAM bytes: benchmarks/README.md)."""
+    split: bool = False
+    """Both consumers on one 128 × block_n tile, 64 rows each (for block_n = 256), instead of ping-pong."""
+    convert: bool = True
+    """Scatter through a row-contiguous layout (16-byte stores) instead of from the accumulator registers."""
+    epi_n: int | None = None
+    """Columns per scatter piece with `convert` (None: the whole tile width; else block_n / 2)."""
+    half_rows: bool = False
+    """A half block as 64-row wgmmas (ping-pong; split always skips the idle half)."""
+    expert_order: bool = True
+    """Tiles one expert after another (`_slot_tile`), else moe.py's GROUP_M order."""
+    group_m: int = 8
+    """Row blocks per group of the GROUP_M order."""
+
+
+def igrad_tile(rows_per_expert: float) -> IgradTile:
+    """Fastest measured launch shape (H100, V2-Lite, benchmarks/gluon_input_grad.py): ping-pong 128 × 128 × 64 with a
+    5-deep ring below FEW_ROWS rows per expert (N=4096: 0.523 ms vs 0.618 for the Triton kernel), split 128 × 256
+    with a 3-deep ring above (N=16384: 1.904 vs 2.080)."""
+    if rows_per_expert < FEW_ROWS:
+        return IgradTile()
+    return IgradTile(block_n=256, stages=3, split=True)
+
+
+def input_grad_fits(D: int, F: int, block_m: int, tile: IgradTile) -> bool:
+    """Row blocks of this kernel's height, reduction steps inside one expert's weights (F % block_k), whole column
+    tiles (D % block_n), TMA-aligned rows."""
+    return (block_m == HGRAD_BLOCK_M and F % tile.block_k == 0 and D % tile.block_n == 0 and D % 8 == 0
+            and F % 8 == 0)
+
+
+def input_grad(dgu_2PF: torch.Tensor, wg_EFD: torch.Tensor, wu_EFD: torch.Tensor, row_P: torch.Tensor,
+               block_3Mb: torch.Tensor, pad_start_E: torch.Tensor, count_E: torch.Tensor, dxa_AD: torch.Tensor,
+               tile: IgradTile) -> None:
+    """dxa_AD[row_P[p]] ← dgu_2PF[0, p] @ wg_EFD[e] + dgu_2PF[1, p] @ wu_EFD[e] for the rows p of every used slot of
+    block_3Mb whose row_P is not −1 (moe.py's `_moe_input_grad_kernel`'s product and rows; other rows of dxa_AD
+    untouched), in place. The caller checks `usable` and `input_grad_fits`; all tensors contiguous."""
+    _, P, F = dgu_2PF.shape
+    E, _, D = wg_EFD.shape
+    if (dgu_2PF.shape[0] != 2 or wg_EFD.shape != (E, F, D) or wu_EFD.shape != (E, F, D) or row_P.numel() != P
+            or dxa_AD.shape[1] != D or block_3Mb.dim() != 2 or block_3Mb.shape[0] != 3 or pad_start_E.numel() != E
+            or count_E.numel() != E):
+        raise ValueError(f"input_grad: shapes dgu {tuple(dgu_2PF.shape)}, Wg {tuple(wg_EFD.shape)}, Wu "
+                         f"{tuple(wu_EFD.shape)}, {row_P.numel()} rows, dx {tuple(dxa_AD.shape)}, block table "
+                         f"{tuple(block_3Mb.shape)}, {pad_start_E.numel()} / {count_E.numel()} expert offsets do not "
+                         "fit together")
+    epi_n = tile.epi_n or tile.block_n
+    if (F % tile.block_k or D % tile.block_n or tile.block_n // epi_n not in (1, 2) or (epi_n != tile.block_n
+                                                                                     and not tile.convert)):
+        raise ValueError(f"input_grad: {tile} does not fit D={D}, F={F} (block_k | F, block_n | D; two scatter "
+                         "pieces only with convert)")
+    BM = HGRAD_BLOCK_M
+    n_mb = block_3Mb.shape[1]
+    n_tiles = n_mb * (D // tile.block_n)
+    if n_tiles == 0 or P == 0:
+        return
+    dgu_PF = dgu_2PF.view(2 * P, F)
+    a = _desc(dgu_PF, [BM, tile.block_k])
+    a_half = _desc(dgu_PF, [BM // 2, tile.block_k])
+    bg = _desc(wg_EFD.view(E * F, D), [tile.block_k, tile.block_n])
+    bu = _desc(wu_EFD.view(E * F, D), [tile.block_k, tile.block_n])
+    n_sm = torch.cuda.get_device_properties(dxa_AD.device).multi_processor_count
+    _input_grad_kernel[(min(n_sm, n_tiles),)](
+        a, a_half, bg, bu, row_P, block_3Mb, pad_start_E, count_E, dxa_AD, n_tiles, n_mb, P, D, F, BN=tile.block_n,
+        BK=tile.block_k, STAGES=tile.stages, GROUP_M=tile.group_m, N_COLS=D // tile.block_n,
+        HALF_ROWS=tile.half_rows or tile.split, EXPERT_ORDER=tile.expert_order, CONVERT=tile.convert, EPI_N=epi_n,
+        SPLIT=tile.split, num_warps=4, maxnreg=168)
