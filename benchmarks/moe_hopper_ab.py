@@ -1,19 +1,23 @@
 """Same-process A/B of the MoE experts fwd+bwd step with the Hopper Gluon kernels off and on (GPU).
 
     python benchmarks/moe_hopper_ab.py [--n 4096,8192,16384] [--rounds 5] [--profile-steps 10] [--drop]
+                                       [--down-tiles pp5,sp3,...]
 
-Three arms: `MoETiles.hopper` False (moe.py's Triton kernels), True with the input grad held on the Triton kernel
-(`moe._hopper_igrad_tile` patched to None: the Hopper hidden-grad and weight-gradient kernels), and True (every
+Three arms: `MoETiles.hopper` False (moe.py's Triton kernels), True with the down projection held on the Triton
+kernel (`moe._hopper_down_tile` patched to None: the Hopper backward kernels), and True (every
 model/kernels/moe_hopper.py kernel where `usable` and it fits). V2-Lite expert shapes in
 bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64; --drop: 10% of the assignments dropped, as
 its "drop10%" rows), `moe_experts_fwd` + `moe_experts_bwd` timed
 by do_bench (median, L2 flushed) in alternating rounds; prints each arm's median, min-max and % of the H100 bf16
-peak, and per gradient whether it is identical to the bit to the Triton arm's (else its rel.err).
+peak, and per output and gradient whether it is identical to the bit to the Triton arm's (else its rel.err).
+--down-tiles: the down projection alone at the step's routing, moe.py's Triton kernel against moe_hopper's
+`down_proj` with the launch shapes named in `down_tiles`, median of 3 alternating rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -28,6 +32,15 @@ import model.kernels.moe as moe  # noqa: E402
 
 E, D, F, K = 64, 2048, 1408, 6
 PEAK_TFLOPS = 989.0
+
+
+def down_tiles() -> dict:
+    """Named launch shapes for --down-tiles."""
+    from model.kernels.moe_hopper import IgradTile
+
+    split = IgradTile(block_n=256, stages=3, split=True)
+    return {"pp5": IgradTile(), "pp4": IgradTile(stages=4), "pp6": IgradTile(stages=6),
+            "pp5h": IgradTile(half_rows=True), "sp3": split, "sp4": IgradTile(block_n=256, stages=4, split=True)}
 
 
 def profile(step, arms, n_tokens: int, steps: int) -> None:
@@ -47,7 +60,7 @@ def profile(step, arms, n_tokens: int, steps: int) -> None:
               flush=True)
 
 
-def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool) -> None:
+def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool, down_names: list[str]) -> None:
     torch.manual_seed(0)
     wg, wu = ((torch.randn(E, F, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2))
     wd = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -57,26 +70,26 @@ def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool) -> None:
     keep_NK = (torch.rand(n_tokens, K, device="cuda") > 0.1) if drop else None
     base = moe.default_tiles(D, F, torch.bfloat16, n_tokens * K / E)
 
-    real_igrad = moe._hopper_igrad_tile
-    arms = {"triton": (False, True), "hopper no ig": (True, False), "hopper all": (True, True)}
+    real_down = moe._hopper_down_tile
+    arms = {"triton": (False, True), "hopper no down": (True, False), "hopper all": (True, True)}
 
     def step(arm: str):
-        hopper, igrad = arms[arm]
-        moe._hopper_igrad_tile = real_igrad if igrad else (lambda *args: None)
+        hopper, down = arms[arm]
+        moe._hopper_down_tile = real_down if down else (lambda *args: None)
         try:
             tiles = replace(base, hopper=hopper)
-            _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, keep_NK, save_for_backward=True,
+            out, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, keep_NK, save_for_backward=True,
                                              tiles=tiles)
-            return moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles)
+            return (out, *moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles))
         finally:
-            moe._hopper_igrad_tile = real_igrad
+            moe._hopper_down_tile = real_down
 
     ref = step("triton")
     diff = {}
-    for arm in arms:  # per gradient: "=" identical to the bit to the Triton arm's, else its rel.err
-        grads = step(arm)
+    for arm in arms:  # per output: "=" identical to the bit to the Triton arm's, else its rel.err
+        outs = step(arm)
         diff[arm] = " ".join("=" if torch.equal(a, b) else f"{((a.double() - b.double()).norm() / b.double().norm()):.1e}"
-                             for a, b in zip(grads, ref))
+                             for a, b in zip(outs, ref))
     times = {arm: [] for arm in arms}
     for _ in range(rounds):
         for arm in times:
@@ -87,10 +100,40 @@ def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool) -> None:
         med = statistics.median(ts)
         label = f"N={n_tokens}{' drop10%' if drop else ''} {arm:12s}"
         print(f"{label} median {med:.3f} ms ({100 * flops / med / 1e9 / PEAK_TFLOPS:.1f}% of peak), "
-              f"min-max {min(ts):.3f}-{max(ts):.3f}; gradients (dx dWg dWu dWd dw) vs the Triton arm's: {diff[arm]}",
+              f"min-max {min(ts):.3f}-{max(ts):.3f}; out dx dWg dWu dWd dw vs the Triton arm's: {diff[arm]}",
               flush=True)
     if profile_steps:
         profile(step, arms, n_tokens, profile_steps)
+    if down_names:
+        down_sweep(n_tokens, wd, ids_NK, keep_NK, base, down_names)
+
+
+def down_sweep(n_tokens: int, wd: torch.Tensor, ids_NK, keep_NK, base, names: list[str]) -> None:
+    """The down projection alone: moe.py's Triton kernel and moe_hopper's `down_proj` per named launch shape."""
+    from model.kernels import moe_hopper
+    from model.kernels._util import dot_precision
+
+    row_P, block_3Mb, pad_start_E, count_E, _, _ = moe.route_metadata(ids_NK, keep_NK, E, base.block_m)
+    P, n_mb = row_P.numel(), block_3Mb.shape[1]
+    h = torch.randn(P, F, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(n_tokens * K, D, device="cuda", dtype=torch.bfloat16)
+    t = base.down
+    fns = {"triton": functools.partial(
+        moe._launch, moe._moe_down_kernel, t, n_mb * triton.cdiv(D, t.n), h, wd, row_P, block_3Mb, y, n_mb, D, F,
+        PRECISION=dot_precision(torch.bfloat16), EVEN_K=F % t.k == 0, BLOCK_M=base.block_m, BLOCK_N=t.n,
+        BLOCK_K=t.k, GROUP_M=base.group_m)}
+    tiles = down_tiles()
+    for name in names:
+        fns[name] = functools.partial(moe_hopper.down_proj, h, wd, row_P, block_3Mb, pad_start_E, count_E, y,
+                                      tiles[name])
+    times = {name: [] for name in fns}
+    for _ in range(3):
+        for name, fn in fns.items():
+            times[name].append(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    flops = 2 * int(count_E.sum()) * D * F
+    print(f"N={n_tokens} down projection alone (ms, TFLOP/s): " + ", ".join(
+        f"{name} {statistics.median(ts):.3f} {flops / statistics.median(ts) / 1e9:.0f}" for name, ts in times.items()),
+        flush=True)
 
 
 def main():
@@ -100,12 +143,14 @@ def main():
     parser.add_argument("--drop", action="store_true", help="drop 10%% of the assignments (capacity)")
     parser.add_argument("--profile-steps", type=int, default=0, help="then each arm's kernel device times over "
                         "this many steps (torch profiler)")
+    parser.add_argument("--down-tiles", default="", help="then the down projection alone with these launch shapes "
+                        f"({', '.join(down_tiles())})")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/moe_hopper_ab.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for n in (int(v) for v in args.n.split(",") if v):
-        ab(n, args.rounds, args.profile_steps, args.drop)
+        ab(n, args.rounds, args.profile_steps, args.drop, [v for v in args.down_tiles.split(',') if v])
         torch.cuda.empty_cache()
 
 

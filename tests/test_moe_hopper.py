@@ -1,7 +1,7 @@
-"""model/kernels/moe_hopper.py: the Gluon weight-gradient, hidden-grad and input-grad kernels against fp64 references
-(the row-block ones also against moe.py's Triton kernels, rows written included), and the MoE step with the Hopper
-kernels on and off. The kernels run only on a Hopper GPU (sm_90) with a tested Triton (`usable`); on other machines only the
-host-side checks run here, and moe.py runs its Triton kernels."""
+"""model/kernels/moe_hopper.py: the Gluon weight-gradient, hidden-grad, input-grad and down-projection kernels against
+fp64 references (the row-block ones also against moe.py's Triton kernels, rows written included), and the MoE step with
+the Hopper kernels on and off. The kernels run only on a Hopper GPU (sm_90) with a tested Triton (`usable`); on other
+machines only the host-side checks run here, and moe.py runs its Triton kernels."""
 
 from __future__ import annotations
 
@@ -80,6 +80,23 @@ def test_input_grad_tile_choice_fit_and_shape_checks():
                               torch.zeros(100, 128), IgradTile(block_n=256))
 
 
+def test_down_proj_tile_choice_fit_and_shape_checks():
+    assert moe_hopper.down_tile(384) == moe_hopper.igrad_tile(384) and moe_hopper.down_tile(1536).split
+    assert moe_hopper.down_fits(2048, 1408, 128, moe_hopper.down_tile(384))
+    assert moe_hopper.down_fits(2048, 1408, 128, moe_hopper.down_tile(1536))
+    assert moe_hopper.down_fits(2048, 200, 128, IgradTile())  # F need not be whole steps: TMA zero-fills h and Wd
+    assert not moe_hopper.down_fits(2048, 1404, 128, IgradTile())  # h rows not 16-byte aligned
+    assert not moe_hopper.down_fits(200, 1408, 128, IgradTile())  # a weight tile would read the next expert's Wd
+    assert not moe_hopper.down_fits(2048, 1408, 64, IgradTile())  # other row blocks than the kernel's
+    h, wd = torch.zeros(128, 64), torch.zeros(3, 128, 64)
+    table, expert, row = torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), torch.zeros(
+        128, dtype=torch.int32)
+    with pytest.raises(ValueError, match="do not fit together"):
+        moe_hopper.down_proj(h, wd[:, :, :32], row, table, expert, expert, torch.zeros(100, 128), IgradTile())
+    with pytest.raises(ValueError, match="does not fit"):
+        moe_hopper.down_proj(h, wd, row, table, expert, expert, torch.zeros(100, 128), IgradTile(block_n=256))
+
+
 def _padded_rows(counts: list[int], G: int, DI: int, DJ: int, dtype, seed: int):
     """A [G, P, DI], B [P, DJ] in moe.py's layout: each expert's rows padded with zero rows to a multiple of 64."""
     g = torch.Generator().manual_seed(seed)
@@ -127,10 +144,10 @@ def test_weight_grad_matches_fp32_reference(dtype, G, DI, DJ, tile, few_rows):
 @pytest.mark.parametrize("n_tokens", [333, 4096, 16384])
 def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
     """The whole moe_experts fwd+bwd at V2-Lite expert shapes (below 1024 rows per expert the Hopper hidden grad,
-    ping-pong weight-gradient and input-grad tiles; at 16384 tokens the split ones and the Triton hidden grad): the
-    Hopper hidden and weight gradients equal the Triton kernels' to the bit (fp32 sums over the same 64-wide steps
-    in the same order, k16 wgmmas either way), dx within the rounding of its other summation order, and the Hopper
-    paths were taken."""
+    ping-pong down-projection, weight-gradient and input-grad tiles; at 16384 tokens the split ones and the Triton
+    hidden grad): the forward output and the Hopper hidden and weight gradients equal the Triton kernels' to the bit
+    (fp32 sums over the same 64-wide steps in the same order, k16 wgmmas either way), dx within the rounding of its
+    other summation order, and the Hopper paths were taken."""
     import model.kernels.moe as moe
 
     torch.manual_seed(0)
@@ -148,24 +165,29 @@ def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
     monkeypatch.setattr(moe_hopper, "weight_grad",
                         lambda *args: (launched.append(args[-1].kind), real_wgrad(*args))[1])
     monkeypatch.setattr(moe_hopper, "hidden_grad", lambda *args: (launched.append("hidden"), real_hgrad(*args))[1])
-    real_igrad = moe_hopper.input_grad
+    real_igrad, real_down = moe_hopper.input_grad, moe_hopper.down_proj
     monkeypatch.setattr(moe_hopper, "input_grad",
                         lambda *args: (launched.append("split" if args[-1].split else "input"), real_igrad(*args))[1])
-    grads = {}
+    monkeypatch.setattr(moe_hopper, "down_proj",
+                        lambda *args: (launched.append("down-split" if args[-1].split else "down"),
+                                       real_down(*args))[1])
+    outs = {}
     for hopper in (False, True):
         tiles = replace(base, hopper=hopper)
-        _, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
-        grads[hopper] = moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles)
-    # with hopper=True only: the hidden grad below HGRAD_FEW_ROWS rows per expert, dWd, dWg/dWu, the input grad
+        out, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
+        outs[hopper] = (out, *moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles))
+    # with hopper=True only: the down projection; the hidden grad below HGRAD_FEW_ROWS rows per expert, dWd, dWg/dWu,
+    # the input grad
     few = n_tokens < 10000
-    assert launched == (["hidden", "pp", "pp", "input"] if few else ["si", "sj", "split"]), launched
-    for name, a, b in zip(("dx", "dWg", "dWu", "dWd", "dw"), grads[False], grads[True]):
+    assert launched == (["down", "hidden", "pp", "pp", "input"] if few else ["down-split", "si", "sj", "split"]), \
+        launched
+    for name, a, b in zip(("out", "dx", "dWg", "dWu", "dWd", "dw"), outs[False], outs[True]):
         diff = (a.double() - b.double()).abs().max().item()
         if name == "dx":  # the input grad's two K segments are summed in another order: last bits of dxa rows
             scale = a.double().abs().max().item()
             rel = ((a.double() - b.double()).norm() / a.double().norm()).item()
             eps = torch.finfo(a.dtype).eps
-            assert diff <= 2 * eps * scale and rel <= eps / 8, f"dx: max diff {diff:.3g}, rel.err {rel:.3g}"
+            assert diff <= 2 * eps * scale and rel <= eps / 8, f"{name}: max diff {diff:.3g}, rel.err {rel:.3g}"
         else:
             assert torch.equal(a, b), f"{name} differs between the Triton and Hopper kernels (max diff {diff:.3g})"
 
@@ -228,6 +250,43 @@ def test_hidden_grad_matches_fp64_reference_and_triton(dtype, F, tile):
     assert same_nan and diff == 0, f"differs from the Triton kernel: NaN pattern equal {same_nan}, max diff {diff:.3g}"
 
 
+_SCATTER_COUNTS = [0, 37, 4100, 64, 1, 0, 6400, 9603, 129, 0]
+"""Rows per expert of the row-block scatter tests: odd counts, half blocks, empty experts (first, middle, last),
+~160 used row blocks (several tiles per program, so both consumers and ring wrap-around run)."""
+
+
+def _routed_rows(D: int, F: int, dtype, seed: int):
+    """moe.py's routing metadata for _SCATTER_COUNTS (top-1), its tiles, and a generator for the operands."""
+    import model.kernels.moe as moe
+
+    E, K = len(_SCATTER_COUNTS), 1
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(_SCATTER_COUNTS)])
+    ids_NK = ids[torch.randperm(ids.numel(), generator=g)].view(-1, K).cuda()
+    tiles = moe.default_tiles(D, F, dtype, ids.numel() / E)
+    row_P, block_3Mb, pad_start_E, count_E, _, _ = moe.route_metadata(ids_NK, None, E, tiles.block_m)
+    return g, tiles, row_P, block_3Mb, pad_start_E, count_E
+
+
+def _check_scattered(out, out_tri, row_P, pad_start_E, expert_ref, dtype):
+    """out and out_tri [A + 1, D], NaN before the kernels ran: every assignment's row against the fp64 reference
+    expert_ref(e, its padded rows) within an ulp of its expert's largest output (fp32 sums, one rounding), and the
+    Triton kernel's rows within that of it; the last row, owned by no assignment, untouched."""
+    assert torch.isnan(out[-1]).all(), "a row no assignment owns must be left untouched"
+    starts, eps = pad_start_E.tolist(), torch.finfo(dtype).eps
+    for e, n in enumerate(_SCATTER_COUNTS):
+        rows = torch.arange(starts[e], starts[e] + n, device="cuda")
+        if not n:
+            continue
+        a = row_P[rows].long()
+        ref = expert_ref(e, rows)
+        tol = eps * ref.abs().max().item()
+        err = (out[a].double() - ref).abs().max().item()
+        assert err <= tol, f"expert {e} ({n} rows): max error {err:.3g} > {tol:.3g}"
+        diff = (out[a].double() - out_tri[a].double()).abs().max().item()
+        assert diff <= tol, f"expert {e}: differs from the Triton kernel by {diff:.3g} > {tol:.3g}"
+
+
 @pytest.mark.gpu
 @hopper_only
 @pytest.mark.parametrize("dtype,tile", [
@@ -248,21 +307,14 @@ def test_input_grad_matches_fp64_reference_and_triton(dtype, tile):
     untouched; padding rows (NaN here) are never stored."""
     import model.kernels.moe as moe
 
-    counts = [0, 37, 4100, 64, 1, 0, 6400, 9603, 129, 0]
-    E, D, F, K = len(counts), 256, 192, 1
-    g = torch.Generator().manual_seed(6)
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
-    ids_NK = ids[torch.randperm(ids.numel(), generator=g)].view(-1, K).cuda()
-    N = ids_NK.shape[0]
-    tiles = moe.default_tiles(D, F, dtype, N * K / E)
-    BM = tiles.block_m
+    D, F = 256, 192
+    g, tiles, row_P, block_3Mb, pad_start_E, count_E = _routed_rows(D, F, dtype, seed=6)
+    E, A, BM, P = len(_SCATTER_COUNTS), sum(_SCATTER_COUNTS), tiles.block_m, row_P.numel()
     assert moe_hopper.input_grad_fits(D, F, BM, tile)
-    row_P, block_3Mb, pad_start_E, count_E, _, _ = moe.route_metadata(ids_NK, None, E, BM)
-    P = row_P.numel()
     dgu = torch.randn(2, P, F, generator=g).to("cuda", dtype)
     dgu[:, row_P < 0] = float("nan")  # padding rows and rows past the used ones: never stored
     wg, wu = ((torch.randn(E, F, D, generator=g) * 0.05).to("cuda", dtype) for _ in range(2))
-    out = torch.full((N * K + 1, D), float("nan"), device="cuda", dtype=dtype)  # the last row: owned by no one
+    out = torch.full((A + 1, D), float("nan"), device="cuda", dtype=dtype)  # the last row: owned by no one
     moe_hopper.input_grad(dgu, wg, wu, row_P, block_3Mb, pad_start_E, count_E, out, tile)
     out_tri = torch.full_like(out, float("nan"))
     t = tiles.input_grad
@@ -270,16 +322,39 @@ def test_input_grad_matches_fp64_reference_and_triton(dtype, tile):
                 moe._tma(dgu.view(2 * P, F), [BM, t.k]), moe._tma(wg, [1, t.k, t.n]), moe._tma(wu, [1, t.k, t.n]),
                 row_P, block_3Mb, out_tri, block_3Mb.shape[1], P, D, F, PRECISION=dot_precision(dtype), BLOCK_M=BM,
                 BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=tiles.group_m)
-    assert torch.isnan(out[-1]).all(), "a row no assignment owns must be left untouched"
-    starts, eps = pad_start_E.tolist(), torch.finfo(dtype).eps
-    for e, n in enumerate(counts):
-        rows = torch.arange(starts[e], starts[e] + n, device="cuda")
-        if not n:
-            continue
-        a = row_P[rows].long()
-        ref = dgu[0, rows].double() @ wg[e].double() + dgu[1, rows].double() @ wu[e].double()
-        tol = eps * ref.abs().max().item()
-        err = (out[a].double() - ref).abs().max().item()
-        assert err <= tol, f"expert {e} ({n} rows): max error {err:.3g} > {tol:.3g}"
-        diff = (out[a].double() - out_tri[a].double()).abs().max().item()
-        assert diff <= tol, f"expert {e}: differs from the Triton kernel by {diff:.3g} > {tol:.3g}"
+    _check_scattered(out, out_tri, row_P, pad_start_E,
+                     lambda e, rows: dgu[0, rows].double() @ wg[e].double() + dgu[1, rows].double() @ wu[e].double(),
+                     dtype)
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("dtype,F,tile", [
+    (torch.bfloat16, 192, IgradTile()),  # moe.py's tile below 1024 rows per expert
+    (torch.float16, 192, IgradTile()),
+    (torch.bfloat16, 192, IgradTile(block_n=256, stages=3, split=True)),  # moe.py's tile above
+    (torch.float16, 192, IgradTile(block_n=256, stages=3, split=True)),
+    (torch.bfloat16, 200, IgradTile()),  # F not whole 64-wide steps: the last one zero-filled by TMA
+    (torch.bfloat16, 200, IgradTile(block_n=256, stages=3, split=True)),
+    (torch.bfloat16, 192, IgradTile(half_rows=True)),  # half blocks as 64-row wgmmas
+], ids=["bf16", "fp16", "bf16-split", "fp16-split", "bf16-F200", "bf16-split-F200", "bf16-halfrows"])
+def test_down_proj_matches_fp64_reference_and_triton(dtype, F, tile):
+    """y_a = h_p @ Wd[e]ᵀ scattered to a = row_P[p]: the input-grad kernel with one K segment and the weight tile
+    transposed, checked as the input grad is (`_check_scattered`) against fp64 and moe.py's `_moe_down_kernel`."""
+    import model.kernels.moe as moe
+
+    D = 256
+    g, tiles, row_P, block_3Mb, pad_start_E, count_E = _routed_rows(D, F, dtype, seed=7)
+    E, A, BM, P = len(_SCATTER_COUNTS), sum(_SCATTER_COUNTS), tiles.block_m, row_P.numel()
+    assert moe_hopper.down_fits(D, F, BM, tile)
+    h = torch.randn(P, F, generator=g).to("cuda", dtype)
+    h[row_P < 0] = float("nan")  # padding rows and rows past the used ones: never stored
+    wd = (torch.randn(E, D, F, generator=g) * 0.05).to("cuda", dtype)
+    out = torch.full((A + 1, D), float("nan"), device="cuda", dtype=dtype)  # the last row: owned by no one
+    moe_hopper.down_proj(h, wd, row_P, block_3Mb, pad_start_E, count_E, out, tile)
+    out_tri = torch.full_like(out, float("nan"))
+    t = tiles.down
+    moe._launch(moe._moe_down_kernel, t, block_3Mb.shape[1] * triton.cdiv(D, t.n), h, wd, row_P, block_3Mb, out_tri,
+                block_3Mb.shape[1], D, F, PRECISION=dot_precision(dtype), EVEN_K=F % t.k == 0, BLOCK_M=BM,
+                BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=tiles.group_m)
+    _check_scattered(out, out_tri, row_P, pad_start_E, lambda e, rows: h[rows].double() @ wd[e].double().T, dtype)
