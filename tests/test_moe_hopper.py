@@ -97,6 +97,58 @@ def test_down_proj_tile_choice_fit_and_shape_checks():
         moe_hopper.down_proj(h, wd, row, table, expert, expert, torch.zeros(100, 128), IgradTile(block_n=256))
 
 
+def _compile_sm90(kernel, args: list, const: dict):
+    """Compile a Gluon kernel for sm_90 without a GPU (Triton's bundled ptxas): its use of the installed Triton's
+    Gluon API, its layouts and shared-memory shapes are checked, nothing runs. args: the non-constexpr arguments in
+    order (descriptors, or signature strings such as "*i32")."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    free = [n for n in kernel.arg_names if n not in const]
+    sig = {n: a if isinstance(a, str) else mangle_type(a) for n, a in zip(free, args, strict=True)}
+    sig.update({k: "constexpr" for k in const})
+    return triton.compile(GluonASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 128),
+                          options={"num_warps": 4, "maxnreg": 168})
+
+
+@pytest.mark.parametrize("rows_per_expert", [384, 1536], ids=["few-rows", "many-rows"])
+def test_kernels_compile_for_hopper_with_the_installed_triton(rows_per_expert, tmp_path, monkeypatch):
+    """Every Gluon kernel in the launch shapes moe.py picks (V2-Lite, bf16) compiles for sm_90 with the installed
+    Triton, on any machine: CI (Triton 3.9 here) catches a change that breaks the Gluon code, or a Triton release
+    that moves its API, without a GPU. `usable` still admits only the releases the kernels ran on (TESTED_TRITON).
+    A fresh Triton cache: its key does not cover module-level aliases such as `_tma_load`, so a cached binary could
+    hide a broken one."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    bf, (P, D, F, E), i32 = torch.bfloat16, (26624, 2048, 1408, 64), "*i32"
+    desc = lambda rows, cols, block: moe_hopper._desc(torch.empty(rows, cols, dtype=bf), block)  # noqa: E731
+    for G, DI, DJ in ((1, D, F), (2, F, D)):  # dWd, then dWg / dWu
+        t = moe_hopper.wgrad_tile(G, rows_per_expert)
+        split_i, split_j = t.split
+        _compile_sm90(moe_hopper._weight_grad_kernel,
+                      [desc(G * P, DI, [t.block_k, t.block_i]), desc(P, DJ, [t.block_k, t.block_j]),
+                       desc(G * E * DI, DJ, [t.block_i // split_i // 2, t.epi_n or t.block_j // split_j]),
+                       i32, i32, "i32", "i32"],
+                      dict(G=G, N_I=DI // t.block_i, N_J=triton.cdiv(DJ, t.block_j), STAGES=t.stages, SPLIT_I=split_i,
+                           SPLIT_J=split_j))
+    h = moe_hopper.HGRAD_TILE
+    _compile_sm90(moe_hopper._hidden_grad_kernel,
+                  [desc(P, D, [128, h.block_k]), desc(P, D, [64, h.block_k]), desc(E * D, F, [h.block_k, h.block_n]),
+                   desc(P, F, [64, h.epi_n or h.block_n]), i32, i32, i32, "i32", "i32", "i32"],
+                  dict(STAGES=h.stages, GROUP_M=h.group_m, N_COLS=triton.cdiv(F, h.block_n), HALF_ROWS=h.half_rows,
+                       EXPERT_ORDER=h.expert_order))
+    ti, td = moe_hopper.igrad_tile(rows_per_expert), moe_hopper.down_tile(rows_per_expert)
+    for kernel, t, a_rows, weights in ((moe_hopper._input_grad_kernel, ti, 2 * P,
+                                        2 * [desc(E * F, D, [ti.block_k, ti.block_n])]),  # Wg, Wu as [E·F, D]
+                                       (moe_hopper._down_proj_kernel, td, P,
+                                        [desc(E * D, F, [td.block_n, td.block_k])])):  # Wd as [E·D, F], transposed
+        _compile_sm90(kernel, [desc(a_rows, F, [128, t.block_k]), desc(a_rows, F, [64, t.block_k]), *weights,
+                               i32, i32, i32, i32, "*bf16", "i32", "i32", "i32", "i32", "i32"],
+                      dict(BN=t.block_n, BK=t.block_k, STAGES=t.stages, GROUP_M=t.group_m, N_COLS=D // t.block_n,
+                           HALF_ROWS=t.half_rows or t.split, EXPERT_ORDER=t.expert_order, CONVERT=t.convert,
+                           EPI_N=t.epi_n or t.block_n, SPLIT=t.split))
+
+
 def _padded_rows(counts: list[int], G: int, DI: int, DJ: int, dtype, seed: int):
     """A [G, P, DI], B [P, DJ] in moe.py's layout: each expert's rows padded with zero rows to a multiple of 64."""
     g = torch.Generator().manual_seed(seed)

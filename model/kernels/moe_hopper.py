@@ -66,7 +66,9 @@ benchmarks/README.md): in the step 0.283 → 0.255 ms at N=4096 and 1.028 → 0.
 → 0.274 ms (518 TFLOP/s) and 1.107 → 1.001.
 
 Written against the Gluon API of Triton 3.6 (`usable` checks the version: Gluon is experimental and its API moves
-between releases; Triton 3.9, for one, renamed the TMA copies to `tma.async_load` / `async_store`).
+between releases; Triton 3.9, for one, renamed the TMA copies to `tma.async_load` / `async_store`: `_tma_load` /
+`_tma_store` pick either name. Under 3.9 every kernel compiles for sm_90 (tests/test_moe_hopper.py compiles them
+with the installed Triton, no GPU needed); none has run on a GPU under 3.9 yet, so TESTED_TRITON stays 3.6).
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Triton 3.9 renamed the TMA copies (its async_copy_* names raise); one name each for either release.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 TESTED_TRITON = ("3.6.",)
 """Triton releases whose Gluon API these kernels were written and tested against."""
@@ -110,10 +116,10 @@ def _epilogue_store_piece(c_desc, c_smem, x, p0, n0, rows):
     else:
         c_smem.store(x.to(c_desc.dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(c_desc, [p0, n0], c_smem.slice(0, HALF))
+    _tma_store(c_desc, [p0, n0], c_smem.slice(0, HALF))
     if R > HALF:
         if rows > HALF:
-            tma.async_copy_shared_to_global(c_desc, [p0 + HALF, n0], c_smem.slice(HALF, HALF))
+            _tma_store(c_desc, [p0 + HALF, n0], c_smem.slice(HALF, HALF))
 
 
 @gluon.jit
@@ -155,8 +161,8 @@ def _wgrad_producer(a_desc, b_desc, c_desc, start_ptr, count_ptr, n_tiles, P, a_
             s = it % STAGES
             mbarrier.wait(empty_bars.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass parity 1 at once
             mbarrier.expect(ready_bars.index(s), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [g * P + start + r, ti * BI], ready_bars.index(s), a_bufs.index(s))
-            tma.async_copy_global_to_shared(b_desc, [start + r, tj * BJ], ready_bars.index(s), b_bufs.index(s))
+            _tma_load(a_desc, [g * P + start + r, ti * BI], ready_bars.index(s), a_bufs.index(s))
+            _tma_load(b_desc, [start + r, tj * BJ], ready_bars.index(s), b_bufs.index(s))
             it += 1
 
 
@@ -412,12 +418,11 @@ def _hgrad_producer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, c
                 mbarrier.wait(empty_bars.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass parity 1 at once
                 if half:
                     mbarrier.expect(ready_bars.index(s), half_bytes)
-                    tma.async_copy_global_to_shared(a_half_desc, [p0, k0], ready_bars.index(s),
-                                                    a_bufs.index(s).slice(0, BM // 2))
+                    _tma_load(a_half_desc, [p0, k0], ready_bars.index(s), a_bufs.index(s).slice(0, BM // 2))
                 else:
                     mbarrier.expect(ready_bars.index(s), full_bytes)
-                    tma.async_copy_global_to_shared(a_desc, [p0, k0], ready_bars.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [e * K + k0, n * BN], ready_bars.index(s), b_bufs.index(s))
+                    _tma_load(a_desc, [p0, k0], ready_bars.index(s), a_bufs.index(s))
+                _tma_load(b_desc, [e * K + k0, n * BN], ready_bars.index(s), b_bufs.index(s))
                 it += 1
 
 
@@ -610,7 +615,7 @@ def hidden_grad(dout_PD: torch.Tensor, wd_EDF: torch.Tensor, block_3Mb: torch.Te
     if n_tiles == 0 or P == 0:
         return
     a = _desc(dout_PD, [BM, tile.block_k])
-    a_half = _desc(dout_PD, [BM // 2, tile.block_k]) if tile.half_rows else a
+    a_half = _desc(dout_PD, [BM // 2, tile.block_k])  # read only with half_rows (Triton 3.9 checks its shape anyway)
     b = _desc(wd_EDF.view(E * D, F), [tile.block_k, tile.block_n])
     c = _desc(z_PF, [BM // 2, epi_n])
     n_sm = torch.cuda.get_device_properties(dout_PD.device).multi_processor_count
@@ -655,9 +660,9 @@ def _load_b(b_desc, e, n, k0, D, F, BN: gl.constexpr, bar, buf, B_TRANS: gl.cons
     tile at (e·D + n·BN, k0) (D % BN == 0 keeps it inside W[e]; TMA zero-fills past F); else W viewed as [E·F, D],
     the [BK, BN] tile at (e·F + k0, n·BN) (F % BK == 0 keeps it inside W[e])."""
     if B_TRANS:
-        tma.async_copy_global_to_shared(b_desc, [e * D + n * BN, k0], bar, buf)
+        _tma_load(b_desc, [e * D + n * BN, k0], bar, buf)
     else:
-        tma.async_copy_global_to_shared(b_desc, [e * F + k0, n * BN], bar, buf)
+        _tma_load(b_desc, [e * F + k0, n * BN], bar, buf)
 
 
 @gluon.jit
@@ -686,12 +691,11 @@ def _row_gemm_producer(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr
                     mbarrier.wait(empty_bars.index(s), ((it // STAGES) & 1) ^ 1)  # fresh barriers pass parity 1
                     if half:
                         mbarrier.expect(ready_bars.index(s), half_bytes)
-                        tma.async_copy_global_to_shared(a_half_desc, [seg * P + p0, k0], ready_bars.index(s),
-                                                        a_bufs.index(s).slice(0, BM // 2))
+                        _tma_load(a_half_desc, [seg * P + p0, k0], ready_bars.index(s),
+                                  a_bufs.index(s).slice(0, BM // 2))
                     else:
                         mbarrier.expect(ready_bars.index(s), full_bytes)
-                        tma.async_copy_global_to_shared(a_desc, [seg * P + p0, k0], ready_bars.index(s),
-                                                        a_bufs.index(s))
+                        _tma_load(a_desc, [seg * P + p0, k0], ready_bars.index(s), a_bufs.index(s))
                     if seg == 0:
                         _load_b(b0_desc, e, n, k0, D, F, BN, ready_bars.index(s), b_bufs.index(s), B_TRANS)
                     else:
