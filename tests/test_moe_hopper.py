@@ -5,7 +5,11 @@ machines only the host-side checks run here, and moe.py runs its Triton kernels.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from model.kernels.moe_hopper import HgradTile, IgradTile, WgradTile
 
 HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
           and moe_hopper.usable(torch.empty(1, device="cuda", dtype=torch.bfloat16)))
+ROOT = Path(__file__).resolve().parents[1]
 hopper_only = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (sm_90) and a tested Triton")
 
 
@@ -112,14 +117,8 @@ def _compile_sm90(kernel, args: list, const: dict):
                           options={"num_warps": 4, "maxnreg": 168})
 
 
-@pytest.mark.parametrize("rows_per_expert", [384, 1536], ids=["few-rows", "many-rows"])
-def test_kernels_compile_for_hopper_with_the_installed_triton(rows_per_expert, tmp_path, monkeypatch):
-    """Every Gluon kernel in the launch shapes moe.py picks (V2-Lite, bf16) compiles for sm_90 with the installed
-    Triton, on any machine: CI (Triton 3.9 here) catches a change that breaks the Gluon code, or a Triton release
-    that moves its API, without a GPU. `usable` still admits only the releases the kernels ran on (TESTED_TRITON).
-    A fresh Triton cache: its key does not cover module-level aliases such as `_tma_load`, so a cached binary could
-    hide a broken one."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+def _compile_all_sm90(rows_per_expert: float) -> None:
+    """Every Gluon kernel of moe_hopper in the launch shapes moe.py picks (V2-Lite, bf16) compiled for sm_90."""
     bf, (P, D, F, E), i32 = torch.bfloat16, (26624, 2048, 1408, 64), "*i32"
     desc = lambda rows, cols, block: moe_hopper._desc(torch.empty(rows, cols, dtype=bf), block)  # noqa: E731
     for G, DI, DJ in ((1, D, F), (2, F, D)):  # dWd, then dWg / dWu
@@ -147,6 +146,22 @@ def test_kernels_compile_for_hopper_with_the_installed_triton(rows_per_expert, t
                       dict(BN=t.block_n, BK=t.block_k, STAGES=t.stages, GROUP_M=t.group_m, N_COLS=D // t.block_n,
                            HALF_ROWS=t.half_rows or t.split, EXPERT_ORDER=t.expert_order, CONVERT=t.convert,
                            EPI_N=t.epi_n or t.block_n, SPLIT=t.split))
+
+
+@pytest.mark.parametrize("rows_per_expert", [384, 1536], ids=["few-rows", "many-rows"])
+def test_kernels_compile_for_hopper_with_the_installed_triton(rows_per_expert, tmp_path):
+    """Every Gluon kernel in the launch shapes moe.py picks (V2-Lite, bf16) compiles for sm_90 with the installed
+    Triton, on any machine: CI (Triton 3.9 here) catches a change that breaks the Gluon code, or a Triton release
+    that moves its API, without a GPU. `usable` still admits only the releases the kernels ran on (TESTED_TRITON).
+    In a fresh process: without TRITON_INTERPRET (once the interpreter has run a kernel it leaves Triton's language
+    patched for itself, and compiling fails) and with an empty Triton cache (its key does not cover module-level
+    aliases such as `_tma_load`, so a cached binary could hide a broken one)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    code = f"import test_moe_hopper as t; t._compile_all_sm90({rows_per_expert})"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "Error" in line][-4:]
+    assert done.returncode == 0, f"a Gluon kernel does not compile for sm_90 with Triton {triton.__version__}: {errors}"
 
 
 def _padded_rows(counts: list[int], G: int, DI: int, DJ: int, dtype, seed: int):
