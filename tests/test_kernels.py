@@ -234,19 +234,15 @@ def test_moe_everything_dropped_and_nonfinite():
     assert out[3].isnan().all() and out[[0, 1, 2, 4, 5]].isfinite().all()
 
 
-def test_moe_weight_grad_steps_shorter_than_row_block():
-    """The weight-gradient GEMMs step over an expert's rows BLOCK_A at a time and may run past its last
-    row into its zero padding rows: with BLOCK_A < block_m (and a SwiGLU-backward program smaller than a
-    row block) every gradient must match the reference, as with the default tiles."""
-    from model.kernels.moe import MoETiles, Tile, moe_experts_bwd, moe_experts_fwd
+def _moe_tiles_against_fp64(inputs: dict, tiles, dout_seed: int):
+    """moe_experts_fwd / moe_experts_bwd with the given tiles (fp32 inputs) against the float64 reference: the output
+    and every gradient within 1e-5 (relative to the largest entry for gradients). Returns (saved, grads, keep)."""
+    from model.kernels.moe import moe_experts_bwd, moe_experts_fwd
 
-    inputs = _moe_inputs(37, 96, 40, 7, 3, torch.float32, drop=0.3)
-    t = Tile(32, 64, 64, 4, 1)
-    tiles = MoETiles(32, 8, t, t, t, t, Tile(64, 32, 16, 4, 1), Tile(32, 64, 16, 4, 1), Tile(8, 16, 0, 4, 1))
     args = [inputs[k].detach() for k in ("x_ND", "gate_proj", "up_proj", "down_proj")]
     ids, w, keep = inputs["expert_ids_NK"], inputs["weights_NK"].detach(), inputs["keep_NK"]
     out, saved = moe_experts_fwd(*args, ids, w, keep, save_for_backward=True, tiles=tiles)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(dout_seed)).to(out.device)
     grads = moe_experts_bwd(dout, *args, ids.shape[1], saved, tiles=tiles)
     leaves = {k: inputs[k].detach().double().requires_grad_() for k in ("x_ND", "gate_proj", "up_proj", "down_proj",
                                                                          "weights_NK")}
@@ -256,6 +252,19 @@ def test_moe_weight_grad_steps_shorter_than_row_block():
     assert (out.double() - ref64).abs().max() < 1e-5
     for name, g, r in zip(("dx", "dWg", "dWu", "dWd", "dw"), grads, ref_grads):
         assert (g.double().reshape(r.shape) - r).abs().max() < 1e-5 * max(1.0, r.abs().max().item()), name
+    return saved, grads, keep
+
+
+def test_moe_weight_grad_steps_shorter_than_row_block():
+    """The weight-gradient GEMMs step over an expert's rows BLOCK_A at a time and may run past its last
+    row into its zero padding rows: with BLOCK_A < block_m (and a SwiGLU-backward program smaller than a
+    row block) every gradient must match the reference, as with the default tiles."""
+    from model.kernels.moe import MoETiles, Tile
+
+    inputs = _moe_inputs(37, 96, 40, 7, 3, torch.float32, drop=0.3)
+    t = Tile(32, 64, 64, 4, 1)
+    tiles = MoETiles(32, 8, t, t, t, t, Tile(64, 32, 16, 4, 1), Tile(32, 64, 16, 4, 1), Tile(8, 16, 0, 4, 1))
+    _moe_tiles_against_fp64(inputs, tiles, dout_seed=0)
 
 
 def test_moe_hidden_grad_over_column_tiles():
@@ -263,30 +272,18 @@ def test_moe_hidden_grad_over_column_tiles():
     the last one partial; the tests above fit F in one tile on the CPU), with half-height row blocks followed by
     the next expert's block and padding rows: every gradient, the gate-weight gradient dw included, must match
     the float64 reference. The routing is checked to contain those cases."""
-    from model.kernels.moe import MoETiles, Tile, moe_experts_bwd, moe_experts_fwd
+    from model.kernels.moe import MoETiles, Tile
 
     inputs = _moe_inputs(60, 64, 40, 6, 3, torch.float32, drop=0.2, seed=9)
     t = Tile(32, 64, 64, 4, 1)
     tiles = MoETiles(32, 8, t, t, Tile(32, 16, 32, 4, 1), t, Tile(64, 32, 16, 4, 1), Tile(32, 64, 16, 4, 1),
                      Tile(8, 16, 0, 4, 1))
-    args = [inputs[k].detach() for k in ("x_ND", "gate_proj", "up_proj", "down_proj")]
-    ids, w, keep = inputs["expert_ids_NK"], inputs["weights_NK"].detach(), inputs["keep_NK"]
-    out, saved = moe_experts_fwd(*args, ids, w, keep, save_for_backward=True, tiles=tiles)
+    saved, grads, keep = _moe_tiles_against_fp64(inputs, tiles, dout_seed=1)
     row_P, block_3Mb, used_rows_1 = saved[0], saved[1], saved[5]
     used = int(used_rows_1.item())
     assert (block_3Mb[2] == 16).any() and (block_3Mb[2] == 32).any(), "no half-height and full row blocks"
     assert (row_P[:used] < 0).any(), "no padding rows"
     assert -(-40 // tiles.hidden_grad.n) == 3
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
-    grads = moe_experts_bwd(dout, *args, ids.shape[1], saved, tiles=tiles)
-    leaves = {k: inputs[k].detach().double().requires_grad_() for k in ("x_ND", "gate_proj", "up_proj", "down_proj",
-                                                                         "weights_NK")}
-    ref64 = _moe_reference(leaves["x_ND"], leaves["gate_proj"], leaves["up_proj"], leaves["down_proj"], ids,
-                           leaves["weights_NK"], keep)
-    ref_grads = torch.autograd.grad(ref64, list(leaves.values()), dout.double())
-    assert (out.double() - ref64).abs().max() < 1e-5
-    for name, g, r in zip(("dx", "dWg", "dWu", "dWd", "dw"), grads, ref_grads):
-        assert (g.double().reshape(r.shape) - r).abs().max() < 1e-5 * max(1.0, r.abs().max().item()), name
     dw = grads[4].reshape(keep.shape)
     assert (dw[~keep] == 0).all() and (dw[keep] != 0).all(), "dw: dropped assignments zero, kept ones written"
 
