@@ -657,49 +657,42 @@ def _gather_rows(x_ND: torch.Tensor, dout_ND: torch.Tensor, row_P: torch.Tensor,
     return x_PD, dout_PD
 
 
-def _hopper_down_tile(tiles: MoETiles, h_PF: torch.Tensor, D: int, F: int, rows_per_expert: float):
-    """moe_hopper's down-projection launch shape when its kernel applies (Hopper GPU, 16-bit, a tested Triton, shapes
-    that fit), else None: the Triton kernel runs."""
-    if not (tiles.hopper and h_PF.is_cuda):
+def _moe_hopper(tiles: MoETiles, t: torch.Tensor):
+    """The moe_hopper module when its Gluon kernels may run on t (`MoETiles.hopper`, a CUDA tensor `usable` accepts:
+    Hopper GPU, 16-bit, a tested Triton), else None: moe.py's Triton kernels run."""
+    if not (tiles.hopper and t.is_cuda):
         return None
     from . import moe_hopper  # Gluon: imported on a GPU only
 
-    tile = moe_hopper.down_tile(rows_per_expert)
-    return tile if moe_hopper.down_fits(D, F, tiles.block_m, tile) and moe_hopper.usable(h_PF) else None
+    return moe_hopper if moe_hopper.usable(t) else None
+
+
+def _hopper_down_tile(tiles: MoETiles, h_PF: torch.Tensor, D: int, F: int, rows_per_expert: float):
+    """moe_hopper's down-projection launch shape when its kernel applies and the shapes fit, else None."""
+    mh = _moe_hopper(tiles, h_PF)
+    tile = mh.down_tile(rows_per_expert) if mh else None
+    return tile if tile and mh.down_fits(D, F, tiles.block_m, tile) else None
 
 
 def _hopper_wgrad_tile(tiles: MoETiles, a_GPI: torch.Tensor, DJ: int, rows_per_expert: float):
-    """moe_hopper's launch shape for this weight gradient when its kernel applies (Hopper GPU, 16-bit, a tested
-    Triton, tiles that fit), else None: the Triton kernel runs."""
-    if not (tiles.hopper and a_GPI.is_cuda):
-        return None
-    from . import moe_hopper  # Gluon: imported on a GPU only
-
-    tile = moe_hopper.wgrad_tile(a_GPI.shape[0], rows_per_expert)
-    fits = moe_hopper.wgrad_fits(a_GPI.shape[2], DJ, tiles.block_m // 2, tile)
-    return tile if fits and moe_hopper.usable(a_GPI) else None
+    """moe_hopper's launch shape for this weight gradient when its kernel applies and the tiles fit, else None."""
+    mh = _moe_hopper(tiles, a_GPI)
+    tile = mh.wgrad_tile(a_GPI.shape[0], rows_per_expert) if mh else None
+    return tile if tile and mh.wgrad_fits(a_GPI.shape[2], DJ, tiles.block_m // 2, tile) else None
 
 
 def _hopper_hidden_grad(tiles: MoETiles, dout_PD: torch.Tensor, D: int, F: int, rows_per_expert: float) -> bool:
-    """moe_hopper's hidden-grad kernel applies (Hopper GPU, 16-bit, a tested Triton, shapes that fit, few enough rows
-    per expert for its 128 × 128 ping-pong tiles to win), else the Triton kernel runs."""
-    if not (tiles.hopper and dout_PD.is_cuda):
-        return False
-    from . import moe_hopper  # Gluon: imported on a GPU only
-
-    return (rows_per_expert < moe_hopper.HGRAD_FEW_ROWS and moe_hopper.hidden_grad_fits(D, F, tiles.block_m)
-            and moe_hopper.usable(dout_PD))
+    """moe_hopper's hidden-grad kernel applies (shapes that fit, few enough rows per expert for its 128 × 128
+    ping-pong tiles to win), else the Triton kernel runs."""
+    mh = _moe_hopper(tiles, dout_PD)
+    return bool(mh) and rows_per_expert < mh.HGRAD_FEW_ROWS and mh.hidden_grad_fits(D, F, tiles.block_m)
 
 
 def _hopper_igrad_tile(tiles: MoETiles, dgu_2PF: torch.Tensor, D: int, F: int, rows_per_expert: float):
-    """moe_hopper's input-grad launch shape when its kernel applies (Hopper GPU, 16-bit, a tested Triton, shapes
-    that fit), else None: the Triton kernel runs."""
-    if not (tiles.hopper and dgu_2PF.is_cuda):
-        return None
-    from . import moe_hopper  # Gluon: imported on a GPU only
-
-    tile = moe_hopper.igrad_tile(rows_per_expert)
-    return tile if moe_hopper.input_grad_fits(D, F, tiles.block_m, tile) and moe_hopper.usable(dgu_2PF) else None
+    """moe_hopper's input-grad launch shape when its kernel applies and the shapes fit, else None."""
+    mh = _moe_hopper(tiles, dgu_2PF)
+    tile = mh.igrad_tile(rows_per_expert) if mh else None
+    return tile if tile and mh.input_grad_fits(D, F, tiles.block_m, tile) else None
 
 
 def _weight_grad(tile: Tile, a_GPI, b_PJ, pad_start_E, count_E, c_GEIJ, prec: str, hopper_tile=None):
