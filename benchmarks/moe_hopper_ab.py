@@ -1,15 +1,16 @@
 """Same-process A/B of the MoE experts fwd+bwd step with the Hopper Gluon kernels off and on (GPU).
 
     python benchmarks/moe_hopper_ab.py [--n 4096,8192,16384] [--rounds 5] [--profile-steps 10] [--drop]
-                                       [--down-tiles pp5,sp3,...]
+                                       [--arms triton,hopper,...] [--down-tiles pp5,sp3,...]
 
-Three arms: `MoETiles.hopper` False (moe.py's Triton kernels), True with the down projection held on the Triton
-kernel (`moe._hopper_down_tile` patched to None: the Hopper backward kernels), and True (every
-model/kernels/moe_hopper.py kernel where `usable` and it fits). V2-Lite expert shapes in
+Arms (ARMS: `MoETiles` switches): `triton` (hopper False: moe.py's Triton kernels everywhere), `hopper` (the
+model/kernels/moe_hopper.py kernels where `usable` and they fit, gate_up on Triton, SwiGLU backward unfused),
+`gate_up` (+ the Gluon gate_up), `swiglu` (+ the SwiGLU backward fused into the hidden grad), `all`. V2-Lite expert
+shapes in
 bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64; --drop: 10% of the assignments dropped, as
 its "drop10%" rows), `moe_experts_fwd` + `moe_experts_bwd` timed
 by do_bench (median, L2 flushed) in alternating rounds; prints each arm's median, min-max and % of the H100 bf16
-peak, and per output and gradient whether it is identical to the bit to the Triton arm's (else its rel.err).
+peak, and per output and gradient whether it is identical to the bit to the first arm's (else its rel.err).
 --down-tiles: the down projection alone at the step's routing, moe.py's Triton kernel against moe_hopper's
 `down_proj` with the launch shapes named in `down_tiles`, median of 3 alternating rounds.
 """
@@ -32,6 +33,11 @@ import model.kernels.moe as moe  # noqa: E402
 
 E, D, F, K = 64, 2048, 1408, 6
 PEAK_TFLOPS = 989.0
+_OFF = {"hopper_gate_up": False, "fused_swiglu_bwd": False}
+ARMS = {"triton": {"hopper": False, **_OFF}, "hopper": {"hopper": True, **_OFF},
+        "gate_up": {"hopper": True, **_OFF, "hopper_gate_up": True},
+        "swiglu": {"hopper": True, **_OFF, "fused_swiglu_bwd": True},
+        "all": {"hopper": True, "hopper_gate_up": True, "fused_swiglu_bwd": True}}
 
 
 def down_tiles() -> dict:
@@ -60,7 +66,7 @@ def profile(step, arms, n_tokens: int, steps: int) -> None:
               flush=True)
 
 
-def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool, down_names: list[str]) -> None:
+def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool, arms: list[str], down_names: list[str]) -> None:
     torch.manual_seed(0)
     wg, wu = ((torch.randn(E, F, D, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(2))
     wd = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -70,23 +76,14 @@ def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool, down_names: l
     keep_NK = (torch.rand(n_tokens, K, device="cuda") > 0.1) if drop else None
     base = moe.default_tiles(D, F, torch.bfloat16, n_tokens * K / E)
 
-    real_down = moe._hopper_down_tile
-    arms = {"triton": (False, True), "hopper no down": (True, False), "hopper all": (True, True)}
-
     def step(arm: str):
-        hopper, down = arms[arm]
-        moe._hopper_down_tile = real_down if down else (lambda *args: None)
-        try:
-            tiles = replace(base, hopper=hopper)
-            out, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, keep_NK, save_for_backward=True,
-                                             tiles=tiles)
-            return (out, *moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles))
-        finally:
-            moe._hopper_down_tile = real_down
+        tiles = replace(base, **ARMS[arm])
+        out, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, keep_NK, save_for_backward=True, tiles=tiles)
+        return (out, *moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles))
 
-    ref = step("triton")
+    ref = step(arms[0])
     diff = {}
-    for arm in arms:  # per output: "=" identical to the bit to the Triton arm's, else its rel.err
+    for arm in arms:  # per output: "=" identical to the bit to the first arm's, else its rel.err
         outs = step(arm)
         diff[arm] = " ".join("=" if torch.equal(a, b) else f"{((a.double() - b.double()).norm() / b.double().norm()):.1e}"
                              for a, b in zip(outs, ref))
@@ -100,7 +97,7 @@ def ab(n_tokens: int, rounds: int, profile_steps: int, drop: bool, down_names: l
         med = statistics.median(ts)
         label = f"N={n_tokens}{' drop10%' if drop else ''} {arm:12s}"
         print(f"{label} median {med:.3f} ms ({100 * flops / med / 1e9 / PEAK_TFLOPS:.1f}% of peak), "
-              f"min-max {min(ts):.3f}-{max(ts):.3f}; out dx dWg dWu dWd dw vs the Triton arm's: {diff[arm]}",
+              f"min-max {min(ts):.3f}-{max(ts):.3f}; out dx dWg dWu dWd dw vs the {arms[0]} arm's: {diff[arm]}",
               flush=True)
     if profile_steps:
         profile(step, arms, n_tokens, profile_steps)
@@ -143,6 +140,8 @@ def main():
     parser.add_argument("--drop", action="store_true", help="drop 10%% of the assignments (capacity)")
     parser.add_argument("--profile-steps", type=int, default=0, help="then each arm's kernel device times over "
                         "this many steps (torch profiler)")
+    parser.add_argument("--arms", default="triton,hopper,all", help=f"which of {', '.join(ARMS)}; the first is the "
+                        "reference of the bit-identity column")
     parser.add_argument("--down-tiles", default="", help="then the down projection alone with these launch shapes "
                         f"({', '.join(down_tiles())})")
     args = parser.parse_args()
@@ -150,7 +149,8 @@ def main():
         sys.exit("benchmarks/moe_hopper_ab.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for n in (int(v) for v in args.n.split(",") if v):
-        ab(n, args.rounds, args.profile_steps, args.drop, [v for v in args.down_tiles.split(',') if v])
+        ab(n, args.rounds, args.profile_steps, args.drop, args.arms.split(","),
+           [v for v in args.down_tiles.split(",") if v])
         torch.cuda.empty_cache()
 
 

@@ -376,6 +376,8 @@ class MoETiles:
     gate_up_wgrad: Tile  # dWg, dWu [F, D] per expert (m over F, n over D, k over rows: divides block_m)
     swiglu_bwd: Tile  # elementwise SwiGLU backward (m rows per program: divides block_m; n columns per step)
     hopper: bool = True  # moe_hopper.py's Gluon down, hidden-, input- and weight-grad kernels where usable, fitting
+    hopper_gate_up: bool = False  # (with hopper) the Gluon gate_up kernel where it applies (in progress)
+    fused_swiglu_bwd: bool = False  # (with hopper) the SwiGLU backward in the Gluon hidden-grad epilogue (in progress)
 
     def fit(self, D: int, F: int) -> MoETiles:
         """Narrow the column tiles to small dimensions (power-of-two tiles, at least 16)."""
