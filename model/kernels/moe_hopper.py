@@ -68,7 +68,8 @@ benchmarks/README.md): in the step 0.283 → 0.255 ms at N=4096 and 1.028 → 0.
 Written against the Gluon API of Triton 3.6 (`usable` checks the version: Gluon is experimental and its API moves
 between releases; Triton 3.9, for one, renamed the TMA copies to `tma.async_load` / `async_store`: `_tma_load` /
 `_tma_store` pick either name. Under 3.9 every kernel compiles for sm_90 (tests/test_moe_hopper.py compiles them
-with the installed Triton, no GPU needed); none has run on a GPU under 3.9 yet, so TESTED_TRITON stays 3.6).
+with the installed Triton, no GPU needed), and tests/test_moe_hopper.py's GPU tests pass on an H100 under 3.6 and
+3.9 (50 passed with 3.9's cp312 wheel carried to the device); other releases are not admitted until they have run).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
-TESTED_TRITON = ("3.6.",)
+TESTED_TRITON = ("3.6.", "3.9.")
 """Triton releases whose Gluon API these kernels were written and tested against."""
 
 
