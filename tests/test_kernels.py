@@ -255,6 +255,43 @@ def _moe_tiles_against_fp64(inputs: dict, tiles, dout_seed: int):
     return saved, grads, keep
 
 
+def _route_reference(expert_A: list[int], keep_A: list[bool], E: int, block_m: int):
+    """route_metadata's outputs by plain Python: per expert (in order) its kept assignments in order, the run padded
+    with −1 to a multiple of block_m / 2 and cut into block_m-row blocks (the last one the rest)."""
+    half, rows, counts, starts, blocks = block_m // 2, [], [], [], []
+    for e in range(E):
+        run = [a for a, (x, k) in enumerate(zip(expert_A, keep_A)) if x == e and k]
+        starts.append(len(rows))
+        counts.append(len(run))
+        padded = -(-len(run) // half) * half
+        rows += run + [-1] * (padded - len(run))
+        blocks += [(e, starts[-1] + j, min(block_m, padded - j)) for j in range(0, padded, block_m)]
+    return rows, counts, starts, blocks
+
+
+@pytest.mark.parametrize("chunk", [256, 64])
+def test_moe_route_metadata_sorts_like_python(chunk):
+    """route_metadata against `_route_reference`, over several chunks (the histogram / scatter programs) and several
+    64-slot slices of the block table, with dropped assignments and an empty expert: rows, counts, first rows,
+    used rows and the block table (unused slots −1 / 0 / 0) must be equal."""
+    from model.kernels import moe
+
+    N, K, E, block_m = 101, 6, 9, 8
+    g = torch.Generator().manual_seed(5)
+    ids_NK = torch.stack([torch.randperm(E - 1, generator=g)[:K] for _ in range(N)])  # expert E - 1 gets none
+    keep_NK = torch.rand(N, K, generator=g) > 0.15
+    rows, counts, starts, blocks = _route_reference(ids_NK.flatten().tolist(), keep_NK.flatten().tolist(), E, block_m)
+    row_P, block_3Mb, pad_start_E, count_E, keep_A, used_rows_1 = moe.route_metadata(
+        ids_NK.to(DEVICE), keep_NK.to(DEVICE), E, block_m, chunk=chunk)
+    n_mb = block_3Mb.shape[1]
+    assert N * K > 2 * chunk and n_mb > 64, "expected several chunks and block-table slices"
+    assert int(used_rows_1) == len(rows) and row_P[:len(rows)].tolist() == rows
+    assert count_E.tolist() == counts and pad_start_E.tolist() == starts and counts[-1] == 0
+    table = [(e, p0, r) for e, p0, r in zip(*block_3Mb.tolist())]
+    assert table == blocks + [(-1, 0, 0)] * (n_mb - len(blocks))
+    assert keep_A.tolist() == keep_NK.flatten().int().tolist()
+
+
 def test_moe_weight_grad_steps_shorter_than_row_block():
     """The weight-gradient GEMMs step over an expert's rows BLOCK_A at a time and may run past its last
     row into its zero padding rows: with BLOCK_A < block_m (and a SwiGLU-backward program smaller than a

@@ -11,7 +11,7 @@ with Wg, Wu [E, F, D], Wd [E, D, F], w [N, K] fp32 gate weights, keep [N, K] the
 (all True when dropless; a dropped assignment contributes nothing and gets no gradient).
 
 Forward, three launches after a metadata step that sorts assignments by expert without a host sync
-(`route_metadata`: per-chunk histograms, offsets, a parallel stable scatter):
+(`route_metadata`: per-chunk histograms, offsets, a parallel stable scatter beside the row-block table):
   1. `_moe_gate_up_kernel`: per (row block of one expert, F block) gather x rows by token (the
      permutation is fused into the load), two GEMMs sharing the x tile, SwiGLU in registers;
      writes h [P, F] and (training) the pre-activations g, u as planes gu [2, P, F].
@@ -445,16 +445,11 @@ def _moe_route_hist_kernel(expert_ptr, keep_ptr, hist_ptr, A, E, HAS_KEEP: tl.co
 
 
 @triton.jit
-def _moe_route_offsets_kernel(hist_ptr, chunk_base_ptr, count_ptr, pad_start_ptr, block_ptr, row_ptr, used_rows_ptr,
-                              n_chunks, E, n_mb, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_MB: tl.constexpr):
-    """One program: per-expert counts; each expert's run padded to a multiple of BLOCK_M/2 and its first
-    padded row; the first row of each (chunk, expert) (chunk_base = pad_start[e] + rows of e in earlier
-    chunks: a stable sort by expert); row = −1 on each expert's padding rows; the rows in all runs
-    (used_rows); and the row-block table block [3, Mb]: each expert's run cut into BLOCK_M-row blocks, the
-    last one BLOCK_M/2 rows when that covers it (the expert of each block, −1 for unused slots; its first
-    row; its row count)."""
-    HALF: tl.constexpr = BLOCK_M // 2
+def _moe_route_offsets_kernel(hist_ptr, chunk_base_ptr, count_ptr, pad_start_ptr, row_ptr, used_rows_ptr, n_chunks, E,
+                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HALF: tl.constexpr):
+    """One program: per-expert counts; each expert's run padded to a multiple of HALF and its first padded row;
+    the first row of each (chunk, expert) (chunk_base = pad_start[e] + rows of e in earlier chunks: a stable
+    sort by expert); row = −1 on each expert's padding rows; the rows in all runs (used_rows)."""
     e_E = tl.arange(0, BLOCK_E)
     counts_E = tl.zeros([BLOCK_E], dtype=tl.int32)
     for c0 in range(0, n_chunks, BLOCK_C):
@@ -478,11 +473,40 @@ def _moe_route_offsets_kernel(hist_ptr, chunk_base_ptr, count_ptr, pad_start_ptr
         incl_CE = tl.cumsum(hist_CE, 0)
         tl.store(chunk_base_ptr + c_C[:, None] * E + e_E[None, :], base_E[None, :] + incl_CE - hist_CE, mask=mask_CE)
         base_E += tl.sum(hist_CE, axis=0)
-    blocks_E = (padded_E + BLOCK_M - 1) // BLOCK_M
-    block_end_E = tl.cumsum(blocks_E, 0)
-    block_start_E = block_end_E - blocks_E
-    for j0 in range(0, n_mb, BLOCK_MB):
-        j_J = j0 + tl.arange(0, BLOCK_MB)
+
+
+@triton.jit
+def _moe_route_scatter_kernel(expert_ptr, keep_ptr, chunk_base_ptr, count_ptr, row_ptr, block_ptr, A, E, n_chunks,
+                              n_mb, HAS_KEEP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                              BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_MB: tl.constexpr):
+    """Program c < n_chunks: row[chunk_base[c, e] + rank] = a for each kept assignment a of chunk c, rank = how many
+    earlier assignments of the chunk went to the same expert (one-hot prefix sums over SUB at a time).
+    Program n_chunks + j: row-block slots j·BLOCK_MB .. + BLOCK_MB of the table block [3, Mb]: each expert's run
+    (count rows padded to a multiple of BLOCK_M/2) cut into BLOCK_M-row blocks, the last one BLOCK_M/2 rows when
+    that covers it (the expert of each block, −1 for unused slots; its first row; its row count)."""
+    c = tl.program_id(0)
+    e_E = tl.arange(0, BLOCK_E)
+    if c < n_chunks:
+        base_E = tl.load(chunk_base_ptr + c * E + e_E, mask=e_E < E, other=0)
+        for s0 in range(0, CHUNK, SUB):
+            a_S = c * CHUNK + s0 + tl.arange(0, SUB)
+            e_S = tl.load(expert_ptr + a_S, mask=a_S < A, other=E).to(tl.int32)
+            if HAS_KEEP:
+                e_S = tl.where(tl.load(keep_ptr + a_S, mask=a_S < A, other=0) != 0, e_S, E)
+            hit_SE = (e_S[:, None] == e_E[None, :]).to(tl.int32)
+            slot_S = tl.sum(hit_SE * (base_E[None, :] + tl.cumsum(hit_SE, 0) - 1), axis=1)
+            tl.store(row_ptr + slot_S, a_S, mask=e_S < E)
+            base_E += tl.sum(hit_SE, axis=0)
+    else:
+        HALF: tl.constexpr = BLOCK_M // 2
+        counts_E = tl.load(count_ptr + e_E, mask=e_E < E, other=0)
+        padded_E = (counts_E + HALF - 1) // HALF * HALF
+        pad_end_E = tl.cumsum(padded_E, 0)
+        pad_start_E = pad_end_E - padded_E
+        blocks_E = (padded_E + BLOCK_M - 1) // BLOCK_M
+        block_end_E = tl.cumsum(blocks_E, 0)
+        block_start_E = block_end_E - blocks_E
+        j_J = (c - n_chunks) * BLOCK_MB + tl.arange(0, BLOCK_MB)
         # searchsorted(block_end, j, right=True): the experts whose blocks end at or before block j
         ended_JE = (block_end_E[None, :] <= j_J[:, None]) & (e_E[None, :] < E)
         expert_J = tl.sum(ended_JE.to(tl.int32), axis=1)
@@ -497,36 +521,20 @@ def _moe_route_offsets_kernel(hist_ptr, chunk_base_ptr, count_ptr, pad_start_ptr
         tl.store(block_ptr + 2 * n_mb + j_J, tl.where(used_J, tl.minimum(end_J - first_J, BLOCK_M), 0), mask=out_J)
 
 
-@triton.jit
-def _moe_route_scatter_kernel(expert_ptr, keep_ptr, chunk_base_ptr, row_ptr, A, E, HAS_KEEP: tl.constexpr,
-                              CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Program c: row[chunk_base[c, e] + rank] = a for each kept assignment a of chunk c, rank = how many
-    earlier assignments of the chunk went to the same expert (one-hot prefix sums over SUB at a time)."""
-    c = tl.program_id(0)
-    e_E = tl.arange(0, BLOCK_E)
-    base_E = tl.load(chunk_base_ptr + c * E + e_E, mask=e_E < E, other=0)
-    for s0 in range(0, CHUNK, SUB):
-        a_S = c * CHUNK + s0 + tl.arange(0, SUB)
-        e_S = tl.load(expert_ptr + a_S, mask=a_S < A, other=E).to(tl.int32)
-        if HAS_KEEP:
-            e_S = tl.where(tl.load(keep_ptr + a_S, mask=a_S < A, other=0) != 0, e_S, E)
-        hit_SE = (e_S[:, None] == e_E[None, :]).to(tl.int32)
-        slot_S = tl.sum(hit_SE * (base_E[None, :] + tl.cumsum(hit_SE, 0) - 1), axis=1)
-        tl.store(row_ptr + slot_S, a_S, mask=e_S < E)
-        base_E += tl.sum(hit_SE, axis=0)
-
-
-def route_metadata(expert_ids_NK: torch.Tensor, keep_NK: torch.Tensor | None, num_experts: int, block_m: int):
+def route_metadata(expert_ids_NK: torch.Tensor, keep_NK: torch.Tensor | None, num_experts: int, block_m: int,
+                   chunk: int | None = None):
     """Sort assignments by expert (stable), each expert's run padded to a multiple of block_m / 2 and cut
     into row blocks of block_m rows (the last one block_m / 2 rows when that covers the run: at N = 4096
     V2-Lite tokens that halves the padding, 14% of the rows with block_m-multiple runs), without a host sync:
-    per-chunk histograms, one small program for the offsets and the block table, a parallel scatter.
+    per-chunk histograms, one small program for the offsets, then one launch whose programs scatter a chunk's
+    rows each or fill a slice of the block table.
 
     Returns row_P [P] int32 (assignment index n·K + k of each padded row, −1 for padding; rows past
     used_rows are left unwritten: no kernel reads them),
     block_3Mb [3, Mb] int32 (per row-block slot: its expert or −1 for an unused slot, its first row, its rows),
     pad_start_E, count_E [E] int32 (each expert's first padded row and its number of rows),
     keep_A [A] int8, used_rows_1 [1] int32 (the rows in all runs).
+    chunk: assignments per histogram / scatter program (a power of two; None: picked from A).
     """
     N, K = expert_ids_NK.shape
     A, E, device = N * K, num_experts, expert_ids_NK.device
@@ -536,9 +544,13 @@ def route_metadata(expert_ids_NK: torch.Tensor, keep_NK: torch.Tensor | None, nu
     half = block_m // 2
     P = triton.cdiv(A + E * (half - 1), half) * half  # bound on Σ padded counts
     n_mb = A // block_m + E  # bound on Σ ceil(count / block_m)
-    CHUNK = 1024
+    # Assignments per histogram / scatter program (a power of two): ~200 chunks, 256-1024 assignments each. H100,
+    # V2-Lite top-6 of 64, all routing kernels: N = 4096 36 -> 15 us (1024 -> 256: the scatter's 24 programs ran
+    # 8 steps each), N = 16384 57 -> 28 us (512; 256 doubles the offsets program's serial scan over chunks).
+    CHUNK = chunk or min(1024, max(256, next_pow2(triton.cdiv(A, 192))))
     n_chunks = max(triton.cdiv(A, CHUNK), 1)
     BLOCK_E = next_pow2(E + 1)  # + the bin of dropped assignments
+    BLOCK_MB = 64
     row_P = torch.empty(P, dtype=torch.int32, device=device)
     block_3Mb = torch.empty(3, n_mb, dtype=torch.int32, device=device)
     count_E = torch.empty(E, dtype=torch.int32, device=device)
@@ -549,11 +561,11 @@ def route_metadata(expert_ids_NK: torch.Tensor, keep_NK: torch.Tensor | None, nu
     has_keep = keep_NK is not None
     _moe_route_hist_kernel[(n_chunks,)](expert_A, keep_A, hist_CE, A, E, HAS_KEEP=has_keep, CHUNK=CHUNK,
                                         BLOCK_E=BLOCK_E, num_warps=4)
-    _moe_route_offsets_kernel[(1,)](hist_CE, chunk_base_CE, count_E, pad_start_E, block_3Mb, row_P, used_rows_1,
-                                    n_chunks, E, n_mb, BLOCK_C=32, BLOCK_E=BLOCK_E, BLOCK_M=block_m, BLOCK_MB=64,
-                                    num_warps=4)
-    _moe_route_scatter_kernel[(n_chunks,)](expert_A, keep_A, chunk_base_CE, row_P, A, E, HAS_KEEP=has_keep,
-                                           CHUNK=CHUNK, SUB=128, BLOCK_E=BLOCK_E, num_warps=4)
+    _moe_route_offsets_kernel[(1,)](hist_CE, chunk_base_CE, count_E, pad_start_E, row_P, used_rows_1, n_chunks, E,
+                                    BLOCK_C=32, BLOCK_E=BLOCK_E, HALF=half, num_warps=4)
+    _moe_route_scatter_kernel[(n_chunks + triton.cdiv(n_mb, BLOCK_MB),)](
+        expert_A, keep_A, chunk_base_CE, count_E, row_P, block_3Mb, A, E, n_chunks, n_mb, HAS_KEEP=has_keep,
+        CHUNK=CHUNK, SUB=min(CHUNK, 128), BLOCK_E=BLOCK_E, BLOCK_M=block_m, BLOCK_MB=BLOCK_MB, num_warps=4)
     return row_P, block_3Mb, pad_start_E, count_E, keep_A, used_rows_1
 
 
