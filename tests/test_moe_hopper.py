@@ -17,7 +17,7 @@ import triton
 
 from model.kernels import moe_hopper
 from model.kernels._util import dot_precision
-from model.kernels.moe_hopper import HgradTile, IgradTile, WgradTile
+from model.kernels.moe_hopper import GateUpTile, HgradTile, IgradTile, WgradTile
 
 HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
           and moe_hopper.usable(torch.empty(1, device="cuda", dtype=torch.bfloat16)))
@@ -102,6 +102,26 @@ def test_down_proj_tile_choice_fit_and_shape_checks():
         moe_hopper.down_proj(h, wd, row, table, expert, expert, torch.zeros(100, 128), IgradTile(block_n=256))
 
 
+def test_gate_up_tile_choice_fit_and_shape_checks():
+    few, many = moe_hopper.gate_up_tile(384), moe_hopper.gate_up_tile(1536)
+    assert (few.stages, few.epi_bufs) == (6, 1) and (many.stages, many.epi_bufs) == (4, 3)
+    for t in (few, many):  # the ring and the epilogue buffers fit the 227 KB of shared memory
+        assert t.stages * 128 * t.block_k * 2 * 2 + 2 * t.epi_bufs * 128 * t.block_f * 2 <= 227 * 1024
+        assert moe_hopper.gate_up_fits(2048, 1408, 128, t)
+    assert moe_hopper.gate_up_fits(2048, 200, 128, few)  # F need not be whole tiles: the stores clip past F
+    assert not moe_hopper.gate_up_fits(2056, 1408, 128, few)  # no whole 64-wide reduction steps over D
+    assert not moe_hopper.gate_up_fits(2048, 1404, 128, few)  # h rows not 16-byte aligned
+    assert not moe_hopper.gate_up_fits(2048, 1408, 64, few)  # other row blocks than the kernel's
+    x, w, h = torch.zeros(128, 128), torch.zeros(3, 64, 128), torch.zeros(128, 64)
+    table, expert = torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="do not fit together"):
+        moe_hopper.gate_up(x, w, w[:, :32], table, expert, expert, h, None, few)
+    with pytest.raises(ValueError, match="do not fit together"):  # x must be in padded-row order, like h
+        moe_hopper.gate_up(x[:100], w, w, table, expert, expert, h, None, few)
+    with pytest.raises(ValueError, match="does not fit D"):
+        moe_hopper.gate_up(x[:, :96], w[:, :, :96], w[:, :, :96], table, expert, expert, h, None, few)
+
+
 def _compile_sm90(kernel, args: list, const: dict):
     """Compile a Gluon kernel for sm_90 without a GPU (Triton's bundled ptxas): its use of the installed Triton's
     Gluon API, its layouts and shared-memory shapes are checked, nothing runs. args: the non-constexpr arguments in
@@ -153,6 +173,14 @@ def test_kernels_compile_for_hopper_with_the_installed_triton(rows_per_expert, t
     """Every Gluon kernel in the launch shapes moe.py picks (V2-Lite, bf16) compiles for sm_90 with the installed
     Triton, on any machine: CI (Triton 3.9 here) catches a change that breaks the Gluon code, or a Triton release
     that moves its API, without a GPU. `usable` still admits only the releases the kernels ran on (TESTED_TRITON).
+    g = moe_hopper.gate_up_tile(rows_per_expert)
+    for store_gu in (True, False):  # training forward, forward without backward
+        _compile_sm90(moe_hopper._gate_up_kernel,
+                      [desc(P, D, [128, g.block_k]), *(2 * [desc(E * F, D, [g.block_f, g.block_k])]),  # Wg, Wu
+                       desc(P, F, [64, g.block_f]), desc(2 * P, F, [64, g.block_f]), i32, i32, i32,
+                       "i32", "i32", "i32", "i32", "i32"],
+                      dict(STAGES=g.stages, GROUP_M=g.group_m, N_COLS=triton.cdiv(F, g.block_f),
+                           EXPERT_ORDER=g.expert_order, STORE_GU=store_gu, EPI_BUFS=g.epi_bufs))
     In a fresh process: without TRITON_INTERPRET (once the interpreter has run a kernel it leaves Triton's language
     patched for itself, and compiling fails) and with an empty Triton cache (its key does not cover module-level
     aliases such as `_tma_load`, so a cached binary could hide a broken one)."""
@@ -210,9 +238,9 @@ def test_weight_grad_matches_fp32_reference(dtype, G, DI, DJ, tile, few_rows):
 @hopper_only
 @pytest.mark.parametrize("n_tokens", [333, 4096, 16384])
 def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
-    """The whole moe_experts fwd+bwd at V2-Lite expert shapes (below 1024 rows per expert the Hopper hidden grad,
-    ping-pong down-projection, weight-gradient and input-grad tiles; at 16384 tokens the split ones and the Triton
-    hidden grad): the forward output and the Hopper hidden and weight gradients equal the Triton kernels' to the bit
+    """The whole moe_experts fwd+bwd at V2-Lite expert shapes (the gate_up; below 1024 rows per expert the Hopper
+    hidden grad, ping-pong down-projection, weight-gradient and input-grad tiles; at 16384 tokens the split ones, the
+    Triton hidden grad): the output and the Hopper hidden and weight gradients equal the Triton kernels' to the bit
     (fp32 sums over the same 64-wide steps in the same order, k16 wgmmas either way), dx within the rounding of its
     other summation order, and the Hopper paths were taken."""
     import model.kernels.moe as moe
@@ -232,7 +260,8 @@ def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
     monkeypatch.setattr(moe_hopper, "weight_grad",
                         lambda *args: (launched.append(args[-1].kind), real_wgrad(*args))[1])
     monkeypatch.setattr(moe_hopper, "hidden_grad", lambda *args: (launched.append("hidden"), real_hgrad(*args))[1])
-    real_igrad, real_down = moe_hopper.input_grad, moe_hopper.down_proj
+    real_igrad, real_down, real_gate_up = moe_hopper.input_grad, moe_hopper.down_proj, moe_hopper.gate_up
+    monkeypatch.setattr(moe_hopper, "gate_up", lambda *args: (launched.append("gate_up"), real_gate_up(*args))[1])
     monkeypatch.setattr(moe_hopper, "input_grad",
                         lambda *args: (launched.append("split" if args[-1].split else "input"), real_igrad(*args))[1])
     monkeypatch.setattr(moe_hopper, "down_proj",
@@ -240,14 +269,14 @@ def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
                                        real_down(*args))[1])
     outs = {}
     for hopper in (False, True):
-        tiles = replace(base, hopper=hopper)
+        tiles = replace(base, hopper=hopper, hopper_gate_up=hopper)
         out, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
         outs[hopper] = (out, *moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles))
-    # with hopper=True only: the down projection; the hidden grad below HGRAD_FEW_ROWS rows per expert, dWd, dWg/dWu,
-    # the input grad
+    # with hopper=True only: gate_up, the down projection; the hidden grad below HGRAD_FEW_ROWS rows per expert, dWd,
+    # dWg/dWu, the input grad
     few = n_tokens < 10000
-    assert launched == (["down", "hidden", "pp", "pp", "input"] if few else ["down-split", "si", "sj", "split"]), \
-        launched
+    assert launched == (["gate_up", "down", "hidden", "pp", "pp", "input"] if few
+                        else ["gate_up", "down-split", "si", "sj", "split"]), launched
     for name, a, b in zip(("out", "dx", "dWg", "dWu", "dWd", "dw"), outs[False], outs[True]):
         diff = (a.double() - b.double()).abs().max().item()
         if name == "dx":  # the input grad's two K segments are summed in another order: last bits of dxa rows
@@ -425,3 +454,73 @@ def test_down_proj_matches_fp64_reference_and_triton(dtype, F, tile):
                 block_3Mb.shape[1], D, F, PRECISION=dot_precision(dtype), EVEN_K=F % t.k == 0, BLOCK_M=BM,
                 BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=tiles.group_m)
     _check_scattered(out, out_tri, row_P, pad_start_E, lambda e, rows: h[rows].double() @ wd[e].double().T, dtype)
+
+
+@pytest.mark.gpu
+@hopper_only
+@pytest.mark.parametrize("dtype,F,tile,store_gu", [
+    (torch.bfloat16, 192, GateUpTile(), True),  # moe.py's tile below 1024 rows per expert
+    (torch.float16, 192, GateUpTile(), True),
+    (torch.bfloat16, 200, GateUpTile(), True),  # F not whole 64-column tiles: the last columns clipped by TMA
+    (torch.bfloat16, 200, GateUpTile(), False),  # the forward without backward: h alone
+    (torch.bfloat16, 200, GateUpTile(stages=5, epi_bufs=2), True),  # u reuses h's epilogue buffer
+    (torch.bfloat16, 200, GateUpTile(stages=4, epi_bufs=3), True),  # a buffer per output: moe.py's tile above
+    (torch.bfloat16, 192, GateUpTile(expert_order=False), True),  # moe.py's GROUP_M order
+], ids=["bf16", "fp16", "bf16-F200", "bf16-F200-nogu", "bf16-s5e2", "bf16-s4e3", "bf16-groupm"])
+def test_gate_up_matches_fp64_reference_and_triton(dtype, F, tile, store_gu):
+    """g, u = x_p Wg[e]ᵀ, x_p Wu[e]ᵀ, h = silu(g) u over moe.py's routing metadata and x_PD (top-2: x rows gathered
+    by row // K, zeros on padding rows; NaN past the used rows): odd row counts, half blocks (their second half reads
+    the next expert's or NaN rows, never stored), empty experts (first, middle, last), ~160 used row blocks (several
+    tiles per program: both consumers and ring wrap-around run). Checked: each expert's g, u against fp64 within an
+    ulp of their largest (fp32 sums, one rounding), h within two of the largest |g·u| (h is computed from the rounded
+    g, u), padding rows exactly 0 (the backward relies on them), rows past every row block untouched (NaN), and h,
+    gu, NaN-poisoned beforehand, identical to the bit to what moe.py's Triton kernel writes."""
+    import model.kernels.moe as moe
+
+    D, K = 256, 2
+    E = len(_SCATTER_COUNTS)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(_SCATTER_COUNTS)])
+    ids_NK = ids[torch.randperm(ids.numel(), generator=g)].view(-1, K).cuda()
+    N = ids_NK.shape[0]
+    tiles = moe.default_tiles(D, F, dtype, N * K / E)
+    BM, t = tiles.block_m, tiles.gate_up
+    assert moe_hopper.gate_up_fits(D, F, BM, tile)
+    row_P, block_3Mb, pad_start_E, count_E, _, used_rows_1 = moe.route_metadata(ids_NK, None, E, BM)
+    used, P, n_mb = int(used_rows_1), row_P.numel(), block_3Mb.shape[1]
+    x = torch.randn(N, D, generator=g).to("cuda", dtype)
+    wg, wu = ((torch.randn(E, F, D, generator=g) * 0.05).to("cuda", dtype) for _ in range(2))
+    x_PD, _ = moe._gather_rows(x, None, row_P, used_rows_1, K, BM)
+    x_PD[used:] = float("nan")  # unwritten by the gather: no stored row may read them
+    outs = {}
+    for kernel in ("gluon", "triton"):
+        h = torch.full((P, F), float("nan"), device="cuda", dtype=dtype)
+        gu = torch.full((2, P, F), float("nan"), device="cuda", dtype=dtype) if store_gu else None
+        if kernel == "gluon":
+            moe_hopper.gate_up(x_PD, wg, wu, block_3Mb, pad_start_E, count_E, h, gu, tile)
+        else:
+            moe._launch(moe._moe_gate_up_kernel, t, n_mb * triton.cdiv(F, t.n), x, wg, wu, row_P, block_3Mb, h,
+                        h if gu is None else gu, n_mb, P, D, F, K, STORE_GU=store_gu, PRECISION=dot_precision(dtype),
+                        EVEN_K=D % t.k == 0, BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=tiles.group_m)
+        outs[kernel] = [h] + ([gu[0], gu[1]] if store_gu else [])
+    eps = torch.finfo(dtype).eps
+    starts, padded_end = pad_start_E.tolist(), pad_start_E.tolist()[1:] + [used]
+    for e, n in enumerate(_SCATTER_COUNTS):
+        r0 = starts[e]
+        if n:
+            x_e = x[row_P[r0:r0 + n].long() // K].double()
+            g_ref, u_ref = x_e @ wg[e].double().T, x_e @ wu[e].double().T
+            refs = [(g_ref * torch.sigmoid(g_ref) * u_ref, 2 * eps * (g_ref * u_ref).abs().max().item()),
+                    (g_ref, eps * g_ref.abs().max().item()), (u_ref, eps * u_ref.abs().max().item())]
+            for name, out, (ref, tol) in zip("hgu", outs["gluon"], refs):
+                err = (out[r0:r0 + n].double() - ref).abs().max().item()
+                assert err <= tol, f"{name}, expert {e} ({n} rows): max error {err:.3g} > {tol:.3g}"
+        for name, out in zip("hgu", outs["gluon"]):
+            pad = out[r0 + n:padded_end[e]]
+            assert torch.equal(pad, torch.zeros_like(pad)), f"{name}, expert {e}: padding rows must be 0"
+    for name, out, out_tri in zip("hgu", outs["gluon"], outs["triton"]):
+        assert torch.isnan(out[used:]).all(), f"{name}: rows outside the row blocks must be left untouched"
+        same_nan = torch.equal(torch.isnan(out), torch.isnan(out_tri))
+        diff = (out.double() - out_tri.double()).nan_to_num(0.0).abs().max().item()
+        assert same_nan and diff == 0, (f"{name} differs from the Triton kernel: NaN pattern equal {same_nan}, "
+                                        f"max diff {diff:.3g}")
