@@ -61,7 +61,7 @@ def profile(step, arms, n_tokens: int, steps: int) -> None:
         per_kernel = {e.key: e.device_time_total / steps / 1e3 for e in prof.key_averages()
                       if e.device_time_total > 0}
         gemms = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])
-                          if "grad" in name or "gate_up" in name or "down" in name)
+                          if any(k in name for k in ("grad", "gate_up", "down", "swiglu", "dweights")))
         print(f"N={n_tokens} {arm:12s} device ms per step: all device work {sum(per_kernel.values()):.3f}; {gemms}",
               flush=True)
 
