@@ -1,12 +1,11 @@
 """Same-process A/B of the MoE experts fwd+bwd step with the Hopper Gluon kernels off and on (GPU).
 
     python benchmarks/moe_hopper_ab.py [--n 4096,8192,16384] [--rounds 5] [--profile-steps 10] [--drop]
-                                       [--arms triton,hopper,...] [--down-tiles pp5,sp3,...]
+                                       [--arms triton,no_gate_up,hopper] [--down-tiles pp5,sp3,...]
 
-Arms (ARMS: `MoETiles` switches): `triton` (hopper False: moe.py's Triton kernels everywhere), `hopper` (the
-model/kernels/moe_hopper.py kernels where `usable` and they fit, gate_up on Triton, SwiGLU backward unfused),
-`gate_up` (+ the Gluon gate_up), `swiglu` (+ the SwiGLU backward fused into the hidden grad), `all`. V2-Lite expert
-shapes in
+Arms (ARMS: `MoETiles` switches): `triton` (hopper False: moe.py's Triton kernels everywhere), `no_gate_up` (the
+model/kernels/moe_hopper.py kernels where `usable` and they fit, but gate_up on moe.py's Triton kernel), `hopper`
+(the default: every moe_hopper kernel where it applies, the Gluon gate_up included). V2-Lite expert shapes in
 bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64; --drop: 10% of the assignments dropped, as
 its "drop10%" rows), `moe_experts_fwd` + `moe_experts_bwd` timed
 by do_bench (median, L2 flushed) in alternating rounds; prints each arm's median, min-max and % of the H100 bf16
@@ -33,11 +32,8 @@ import model.kernels.moe as moe  # noqa: E402
 
 E, D, F, K = 64, 2048, 1408, 6
 PEAK_TFLOPS = 989.0
-_OFF = {"hopper_gate_up": False, "fused_swiglu_bwd": False}
-ARMS = {"triton": {"hopper": False, **_OFF}, "hopper": {"hopper": True, **_OFF},
-        "gate_up": {"hopper": True, **_OFF, "hopper_gate_up": True},
-        "swiglu": {"hopper": True, **_OFF, "fused_swiglu_bwd": True},
-        "all": {"hopper": True, "hopper_gate_up": True, "fused_swiglu_bwd": True}}
+ARMS = {"triton": {"hopper": False, "hopper_gate_up": False}, "no_gate_up": {"hopper": True, "hopper_gate_up": False},
+        "hopper": {"hopper": True, "hopper_gate_up": True}}
 
 
 def down_tiles() -> dict:
@@ -61,7 +57,7 @@ def profile(step, arms, n_tokens: int, steps: int) -> None:
         per_kernel = {e.key: e.device_time_total / steps / 1e3 for e in prof.key_averages()
                       if e.device_time_total > 0}
         gemms = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])
-                          if any(k in name for k in ("grad", "gate_up", "down", "swiglu", "dweights")))
+                          if any(k in name for k in ("grad", "gate_up", "down", "swiglu")))
         print(f"N={n_tokens} {arm:12s} device ms per step: all device work {sum(per_kernel.values()):.3f}; {gemms}",
               flush=True)
 
@@ -140,7 +136,7 @@ def main():
     parser.add_argument("--drop", action="store_true", help="drop 10%% of the assignments (capacity)")
     parser.add_argument("--profile-steps", type=int, default=0, help="then each arm's kernel device times over "
                         "this many steps (torch profiler)")
-    parser.add_argument("--arms", default="triton,hopper,all", help=f"which of {', '.join(ARMS)}; the first is the "
+    parser.add_argument("--arms", default="triton,no_gate_up,hopper", help=f"which of {', '.join(ARMS)}; the first is the "
                         "reference of the bit-identity column")
     parser.add_argument("--down-tiles", default="", help="then the down projection alone with these launch shapes "
                         f"({', '.join(down_tiles())})")

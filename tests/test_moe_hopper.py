@@ -156,13 +156,6 @@ def _compile_all_sm90(rows_per_expert: float) -> None:
                    desc(P, F, [64, h.epi_n or h.block_n]), i32, i32, i32, "i32", "i32", "i32"],
                   dict(STAGES=h.stages, GROUP_M=h.group_m, N_COLS=triton.cdiv(F, h.block_n), HALF_ROWS=h.half_rows,
                        EXPERT_ORDER=h.expert_order))
-    h = moe_hopper.HGRAD_SWIGLU_TILE
-    _compile_sm90(moe_hopper._hidden_grad_swiglu_kernel,
-                  [desc(P, D, [128, h.block_k]), desc(P, D, [64, h.block_k]), desc(E * D, F, [h.block_k, h.block_n]),
-                   desc(P, F, [64, h.epi_n]), desc(2 * P, F, [128, h.epi_n]), desc(2 * P, F, [64, h.epi_n]),
-                   i32, "*fp32", "*fp32", i32, i32, i32, "i32", "i32", "i32", "i32", "i32"],
-                  dict(STAGES=h.stages, GROUP_M=h.group_m, N_COLS=triton.cdiv(F, h.block_n), HALF_ROWS=h.half_rows,
-                       EXPERT_ORDER=h.expert_order))
     ti, td = moe_hopper.igrad_tile(rows_per_expert), moe_hopper.down_tile(rows_per_expert)
     for kernel, t, a_rows, weights in ((moe_hopper._input_grad_kernel, ti, 2 * P,
                                         2 * [desc(E * F, D, [ti.block_k, ti.block_n])]),  # Wg, Wu as [E·F, D]
@@ -173,6 +166,7 @@ def _compile_all_sm90(rows_per_expert: float) -> None:
                       dict(BN=t.block_n, BK=t.block_k, STAGES=t.stages, GROUP_M=t.group_m, N_COLS=D // t.block_n,
                            HALF_ROWS=t.half_rows or t.split, EXPERT_ORDER=t.expert_order, CONVERT=t.convert,
                            EPI_N=t.epi_n or t.block_n, SPLIT=t.split))
+
     g = moe_hopper.gate_up_tile(rows_per_expert)
     for store_gu in (True, False):  # training forward, forward without backward
         _compile_sm90(moe_hopper._gate_up_kernel,
@@ -351,156 +345,6 @@ def test_hidden_grad_matches_fp64_reference_and_triton(dtype, F, tile):
     same_nan = torch.equal(torch.isnan(z), torch.isnan(z_tri))
     diff = (z.double() - z_tri.double()).nan_to_num(0.0).abs().max().item()
     assert same_nan and diff == 0, f"differs from the Triton kernel: NaN pattern equal {same_nan}, max diff {diff:.3g}"
-
-
-def test_sum_dweights_adds_each_rows_partials_in_order():
-    """moe.py's `_sum_dweights` (the gate-weight gradient of the fused hidden grad + SwiGLU backward): for each
-    padded row below used_rows that holds an assignment, the sum of its column tiles' partials in order, stored at
-    the assignment; padding rows, rows past used_rows (here holding a stale assignment index) and dropped
-    assignments write nothing."""
-    import model.kernels.moe as moe
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(9)
-    A, P, used, C = 180, 200, 150, 3
-    row_P = torch.full((P,), 5, dtype=torch.int32)  # past used_rows: stale, must not be read
-    row_P[:used] = -1
-    held = torch.randperm(used, generator=g)[:120]  # 30 padding rows; 60 assignments in no row (dropped)
-    row_P[held] = torch.randperm(A, generator=g)[:120].to(torch.int32)
-    part_CP = torch.randn(C, P, generator=g)
-    dweights = torch.full((A,), float("nan"), device=device)
-    moe._sum_dweights(part_CP.to(device), row_P.to(device), torch.tensor([used], dtype=torch.int32, device=device),
-                      dweights)
-    expect = torch.full((A,), float("nan"))
-    expect[row_P[held].long()] = (part_CP[0, held] + part_CP[1, held]) + part_CP[2, held]
-    assert torch.equal(torch.isnan(dweights.cpu()), torch.isnan(expect)), "written entries differ"
-    assert torch.equal(dweights.cpu().nan_to_num(0.0), expect.nan_to_num(0.0)), "sums differ (fp32, fixed order)"
-
-
-@pytest.mark.gpu
-@hopper_only
-@pytest.mark.parametrize("dtype,F", [(torch.bfloat16, 200), (torch.float16, 200), (torch.bfloat16, 136),
-                                     (torch.bfloat16, 384)], ids=["bf16-F200", "fp16-F200", "bf16-F136", "bf16-F384"])
-def test_hidden_grad_swiglu_bwd_matches_fp64_reference_and_unfused(dtype, F):
-    """The hidden grad with the SwiGLU backward in its epilogue (`hidden_grad_swiglu_bwd` + moe.py's
-    `_sum_dweights`) over moe.py's routing metadata: top-2 with 10% of the assignments dropped, odd row counts, half
-    blocks, empty experts (first, middle, last), ~160 used row blocks (several tiles per program: both consumers
-    and ring wrap-around run); F = 200: a tile's second 64-column piece partly past F; F = 136: a first piece partly
-    past F and no second piece. Checked, with every output NaN-poisoned beforehand and the g, u rows of padding NaN
-    too: per expert dg, du, w·h within two ulps of their largest fp64 value (the output's rounding, and z's or h's,
-    which the fp64 reference rounds from fp64) and the gate-weight gradient within an ulp of Σ|z·h|; padding rows exactly
-    0 in dg, du, w·h; rows past every row block untouched; dropped assignments' gate-weight gradients not written.
-    Against the unfused kernels (`hidden_grad` + `_moe_swiglu_bwd_kernel`, the same formulas on the same rounded
-    z): w·h identical to the bit, dg, du within the same tolerance."""
-    import model.kernels.moe as moe
-
-    counts = [0, 37, 4100, 64, 1, 0, 6400, 9603, 129, 0]
-    E, D, K = len(counts), 256, 2
-    g = torch.Generator().manual_seed(10)
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
-    ids_NK = ids[torch.randperm(ids.numel(), generator=g)].view(-1, K).cuda()
-    N = ids_NK.shape[0]
-    keep_NK = (torch.rand(N, K, generator=g) > 0.1).cuda()
-    tiles = moe.default_tiles(D, F, dtype, N * K / E)
-    BM = tiles.block_m
-    assert moe_hopper.hidden_grad_fits(D, F, BM)
-    row_P, block_3Mb, pad_start_E, count_E, _, used_rows_1 = moe.route_metadata(ids_NK, keep_NK, E, BM)
-    used, P = int(used_rows_1), row_P.numel()
-    dout = torch.randn(N, D, generator=g).to("cuda", dtype)
-    _, dout_PD = moe._gather_rows(torch.zeros_like(dout), dout, row_P, used_rows_1, K, BM)
-    dout_PD[used:] = float("nan")  # unwritten by the gather: no stored row may read them
-    wd = (torch.randn(E, D, F, generator=g) * 0.05).to("cuda", dtype)
-    gu = torch.randn(2, P, F, generator=g).to("cuda", dtype)
-    valid = torch.zeros(P, dtype=torch.bool, device="cuda")
-    valid[:used] = row_P[:used] >= 0
-    gu[:, ~valid] = float("nan")  # padding rows (the forward writes 0 there) and rows past every block
-    weights_A = torch.rand(N * K, generator=g).cuda()
-    dgu = torch.full((2, P, F), float("nan"), device="cuda", dtype=dtype)
-    hw = torch.full((P, F), float("nan"), device="cuda", dtype=dtype)
-    part_CP = moe_hopper.hidden_grad_swiglu_bwd(dout_PD, wd, gu, weights_A, row_P, block_3Mb, pad_start_E, count_E,
-                                                dgu, hw)
-    dw = torch.full((N * K,), float("nan"), device="cuda")
-    moe._sum_dweights(part_CP, row_P, used_rows_1, dw)
-    # the unfused kernels, on g, u with the forward's zero padding rows
-    gu0 = gu.nan_to_num(0.0)
-    z = torch.full((P, F), float("nan"), device="cuda", dtype=dtype)
-    moe_hopper.hidden_grad(dout_PD, wd, block_3Mb, pad_start_E, count_E, z)
-    dgu_un, hw_un = torch.full_like(dgu, float("nan")), torch.full_like(hw, float("nan"))
-    t = tiles.swiglu_bwd
-    moe._launch(moe._moe_swiglu_bwd_kernel, t, P // t.m, z, gu0, weights_A, row_P, used_rows_1, dgu_un, hw_un,
-                torch.zeros_like(dw), P, F, BLOCK_R=t.m, BLOCK_F=t.n)
-    eps = torch.finfo(dtype).eps
-    starts, padded_end = pad_start_E.tolist(), pad_start_E.tolist()[1:] + [used]
-    for e, n in enumerate(count_E.tolist()):
-        r0, r1 = starts[e], starts[e] + n
-        pad = slice(r1, padded_end[e])
-        for name, out in (("dg", dgu[0]), ("du", dgu[1]), ("w·h", hw)):
-            assert torch.equal(out[pad], torch.zeros_like(out[pad])), f"expert {e}: {name} padding rows must be 0"
-        if not n:
-            continue
-        a = row_P[r0:r1].long()
-        z64 = dout_PD[r0:r1].double() @ wd[e].double()
-        g64, u64, w64 = gu[0, r0:r1].double(), gu[1, r0:r1].double(), weights_A[a].double()[:, None]
-        sig = torch.sigmoid(g64)
-        h64 = (g64 * sig * u64).to(dtype).double()
-        refs = {"dg": z64 * w64 * u64 * sig * (1 + g64 * (1 - sig)), "du": z64 * w64 * g64 * sig, "w·h": h64 * w64}
-        for name, out, unfused in (("dg", dgu[0], dgu_un[0]), ("du", dgu[1], dgu_un[1]), ("w·h", hw, hw_un)):
-            ref = refs[name]
-            tol = 2 * eps * ref.abs().max().item()
-            err = (out[r0:r1].double() - ref).abs().max().item()
-            assert err <= tol, f"expert {e} ({n} rows): {name} max error {err:.3g} > {tol:.3g}"
-            diff = (out[r0:r1].double() - unfused[r0:r1].double()).abs().max().item()
-            assert diff <= (0 if name == "w·h" else tol), f"expert {e}: {name} differs from the unfused by {diff:.3g}"
-        dw_ref = (z64 * h64).sum(1)
-        tol = eps * (z64 * h64).abs().sum(1).max().item()
-        err = (dw[a].double() - dw_ref).abs().max().item()
-        assert err <= tol, f"expert {e}: gate-weight gradient max error {err:.3g} > {tol:.3g}"
-    for name, out in (("dg", dgu[0]), ("du", dgu[1]), ("w·h", hw)):
-        assert torch.isnan(out[used:]).all(), f"{name}: rows outside the row blocks must be left untouched"
-    kept = torch.zeros(N * K, dtype=torch.bool, device="cuda")
-    kept[row_P[valid].long()] = True
-    assert torch.equal(kept, keep_NK.view(-1)) and torch.isnan(dw[~kept]).all() and not torch.isnan(dw[kept]).any(), \
-        "the gate-weight gradient must be written exactly for the kept assignments"
-
-
-@pytest.mark.gpu
-@hopper_only
-@pytest.mark.parametrize("n_tokens", [333, 4096, 16384])
-def test_moe_step_with_and_without_fused_swiglu_bwd(n_tokens, monkeypatch):
-    """The whole moe_experts fwd+bwd at V2-Lite expert shapes with the Hopper kernels, `MoETiles.fused_swiglu_bwd`
-    off and on: below HGRAD_FEW_ROWS rows per expert the fused kernel runs. It computes dg, du and w·h with the
-    unfused kernels' formulas from the same bf16 z, so the forward output and dWd are identical to the bit, and dx,
-    dWg, dWu and the gate-weight gradient (summed over other column pieces) within a small fraction of a bf16 ulp
-    in norm (room for the compiler contracting a product differently); at 16384 tokens (the Triton hidden grad) the
-    switch changes nothing."""
-    import model.kernels.moe as moe
-
-    torch.manual_seed(0)
-    E, D, F, K = 64, 2048, 1408, 6
-    wg, wu = (torch.randn(E, F, D, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2))
-    wd = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * 0.02
-    x = torch.randn(n_tokens, D, device="cuda", dtype=torch.bfloat16)
-    w_NK, ids_NK = torch.randn(n_tokens, E, device="cuda").softmax(-1).topk(K, dim=-1)
-    dout = torch.randn(n_tokens, D, device="cuda", dtype=torch.bfloat16)
-    base = moe.default_tiles(D, F, torch.bfloat16, n_tokens * K / E)
-    launched = []
-    real = moe_hopper.hidden_grad_swiglu_bwd
-    monkeypatch.setattr(moe_hopper, "hidden_grad_swiglu_bwd", lambda *args: (launched.append("fused"), real(*args))[1])
-    outs = {}
-    for fused in (False, True):
-        tiles = replace(base, hopper=True, fused_swiglu_bwd=fused)
-        out, saved = moe.moe_experts_fwd(x, wg, wu, wd, ids_NK, w_NK, save_for_backward=True, tiles=tiles)
-        outs[fused] = (out, *moe.moe_experts_bwd(dout, x, wg, wu, wd, K, saved, tiles=tiles))
-    few = n_tokens < 10000
-    assert launched == (["fused"] if few else []), launched
-    eps = torch.finfo(torch.bfloat16).eps
-    for name, a, b in zip(("out", "dx", "dWg", "dWu", "dWd", "dw"), outs[False], outs[True]):
-        if few and name in ("dx", "dWg", "dWu", "dw"):
-            rel = ((a.double() - b.double()).norm() / a.double().norm()).item()
-            assert rel <= eps / 16, f"{name}: rel.err {rel:.3g} between the unfused and the fused SwiGLU backward"
-        else:
-            assert torch.equal(a, b), f"{name} differs with fused_swiglu_bwd (max diff " \
-                                      f"{(a.double() - b.double()).abs().max().item():.3g})"
 
 
 _SCATTER_COUNTS = [0, 37, 4100, 64, 1, 0, 6400, 9603, 129, 0]

@@ -28,10 +28,6 @@ Backward, no atomics:
                                   expert moe_hopper.py's ping-pong Gluon kernel instead (same rows written, same
                                   result to the bit, ~16% faster at 384 rows per expert)
   `_moe_swiglu_bwd_kernel`        dh = w·z → dg, du [2, P, F]; hw = w·h [P, F]; dw_a = Σ_f z_f·h_f
-                                  (with `MoETiles.fused_swiglu_bwd`, where the Gluon hidden grad runs, its
-                                  epilogue instead: z stays on chip, the same dg, du, hw to the bit, dw from
-                                  per-64-column partial sums added by `_moe_dweights_sum_kernel`; H100, N=4096,
-                                  alone: 0.382 ms against 0.258 + 0.166; not yet measured in the step)
   `_moe_weight_grad_kernel` ×2    dWd[e] = Σ_rows dout_pᵀ (w·h)_p and dWg[e], dWu[e] = Σ_rows dg_pᵀ x_p,
                                   du_pᵀ x_p: GEMMs over each expert's contiguous run of padded rows (w moved
                                   from dy onto h, so both operands go to the tensor cores as loaded); on a
@@ -295,25 +291,6 @@ def _moe_swiglu_bwd_kernel(z_ptr, gu_ptr, w_ptr, row_ptr, used_rows_ptr, dgu_ptr
 
 
 @triton.jit
-def _moe_dweights_sum_kernel(part_ptr, row_ptr, used_rows_ptr, dw_ptr, P, C, BLOCK_R: tl.constexpr):
-    """dw_a = Σ_c part[c, p] for BLOCK_R padded rows p holding an assignment a = row[p], summed over the C column
-    tiles in order (deterministic): the gate-weight gradient from moe_hopper's fused hidden grad + SwiGLU backward
-    (`hidden_grad_swiglu_bwd`), whose part [C, P] holds Σ_f z_f·h_f per (column tile, row). Dropped
-    assignments (in no row) and padding rows write nothing."""
-    p0 = tl.program_id(0) * BLOCK_R
-    used_rows = tl.load(used_rows_ptr)
-    if p0 >= used_rows:
-        return
-    p_R = p0 + tl.arange(0, BLOCK_R)
-    row_R = tl.load(row_ptr + p_R, mask=p_R < used_rows, other=-1)
-    valid_R = row_R >= 0
-    dw_R = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c in range(C):
-        dw_R += tl.load(part_ptr + c * P + p_R, mask=valid_R, other=0.0)
-    tl.store(dw_ptr + row_R, dw_R, mask=valid_R)
-
-
-@triton.jit
 def _moe_weight_grad_kernel(a_desc, b_desc, expert_start_ptr, expert_count_ptr, c_ptr, G, E, P, DI, DJ,
                             PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                             BLOCK_A: tl.constexpr):
@@ -403,7 +380,6 @@ class MoETiles:
     swiglu_bwd: Tile  # elementwise SwiGLU backward (m rows per program: divides block_m; n columns per step)
     hopper: bool = True  # moe_hopper.py's Gluon down, hidden-, input- and weight-grad kernels where usable, fitting
     hopper_gate_up: bool = True  # (with hopper) the Gluon gate_up kernel (after an x gather) where it applies
-    fused_swiglu_bwd: bool = False  # (with hopper) the SwiGLU backward in the Gluon hidden-grad epilogue, where it runs
 
     def fit(self, D: int, F: int) -> MoETiles:
         """Narrow the column tiles to small dimensions (power-of-two tiles, at least 16)."""
@@ -771,17 +747,6 @@ def _weight_grad(tile: Tile, a_GPI, b_PJ, pad_start_E, count_E, c_GEIJ, prec: st
             G, E, P, DI, DJ, PRECISION=prec, BLOCK_I=tile.m, BLOCK_J=tile.n, BLOCK_A=tile.k)
 
 
-def _sum_dweights(part_CP: torch.Tensor, row_P: torch.Tensor, used_rows_1: torch.Tensor,
-                  dweights_A: torch.Tensor) -> None:
-    """dweights_A[row_P[p]] ← Σ_c part_CP[c, p] for the padded rows that hold an assignment (other entries
-    untouched): the gate-weight gradient from `hidden_grad_swiglu_bwd`'s per-column-tile partial sums."""
-    C, P = part_CP.shape
-    BLOCK_R = 1024 if not interpreting() else 64
-    if P:
-        _moe_dweights_sum_kernel[(triton.cdiv(P, BLOCK_R),)](part_CP, row_P, used_rows_1, dweights_A, P, C,
-                                                            BLOCK_R=BLOCK_R, num_warps=4)
-
-
 def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, tiles: MoETiles | None = None):
     """Host backward: (dx [N, D], dWg, dWu, dWd, dweights_A [A] fp32). `tiles` must be the forward's."""
     row_P, block_3Mb, pad_start_E, count_E, keep_A, used_rows_1, weights_A, gu_2PF = saved
@@ -796,6 +761,7 @@ def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, t
     dtype, device = x_ND.dtype, x_ND.device
     # x and dout in padded-row order: the hidden-grad and weight-gradient GEMMs then stream contiguous rows.
     x_PD, dout_PD = _gather_rows(x_ND, dout_ND, row_P, used_rows_1, K, BM)
+    z_PF = torch.empty(P, F, dtype=dtype, device=device)
     dgu_2PF = torch.empty_like(gu_2PF)
     hw_PF = torch.empty(P, F, dtype=dtype, device=device)
     dweights_A = torch.zeros(N * K, dtype=torch.float32, device=device)
@@ -803,16 +769,8 @@ def moe_experts_bwd(dout_ND, x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, K, saved, t
     dwd_1EDF = torch.empty(1, E, D, F, dtype=dtype, device=device)
     dxa_AD = torch.empty(N * K, D, dtype=dtype, device=device)
     rows_per_expert = N * K / E
-    hopper_hgrad = bool(N) and _hopper_hidden_grad(tiles, dout_PD, D, F, rows_per_expert)
-    if hopper_hgrad and tiles.fused_swiglu_bwd:  # the SwiGLU backward in the hidden grad's epilogue: z stays on chip
-        from . import moe_hopper
-
-        part_CP = moe_hopper.hidden_grad_swiglu_bwd(dout_PD, _aligned(w_down_EDF), gu_2PF, weights_A, row_P,
-                                                    block_3Mb, pad_start_E, count_E, dgu_2PF, hw_PF)
-        _sum_dweights(part_CP, row_P, used_rows_1, dweights_A)
-    elif N:
-        z_PF = torch.empty(P, F, dtype=dtype, device=device)
-        if hopper_hgrad:
+    if N:
+        if _hopper_hidden_grad(tiles, dout_PD, D, F, rows_per_expert):
             from . import moe_hopper
 
             moe_hopper.hidden_grad(dout_PD, _aligned(w_down_EDF), block_3Mb, pad_start_E, count_E, z_PF)

@@ -43,24 +43,6 @@ Measured on an H100 at N=4096 (benchmarks/gluon_grouped_gemm.py `pp128x64x5x`, t
 0.255-0.261 ms vs 0.295-0.318 for the Triton kernel; inside the step 0.248 vs 0.294 ms at 384 rows per expert,
 output bit-identical, but 1.027 vs 0.989 at 1536 rows, so moe.py runs it below `HGRAD_FEW_ROWS` rows per expert.
 
-Hidden grad + SwiGLU backward (`hidden_grad_swiglu_bwd`, moe.py with `MoETiles.fused_swiglu_bwd`): the same GEMM
-(`_hgrad`, entry point `_hidden_grad_swiglu_kernel`) with moe.py's `_moe_swiglu_bwd_kernel` in the epilogue, so z
-is never written to or read from global memory: dg, du [2, P, F], w·h [P, F] and per-row partial sums of z·h
-(gate-weight gradient; moe.py's `_moe_dweights_sum_kernel` adds them in a fixed order: deterministic, no
-atomics). Each consumer owns three [128, 64] shared-memory slots (g → dg, u → du, z → w·h, in place) beside a
-4-deep ring (224 KB in all): it TMA-loads its tile's first g, u pieces before its main loop (they land while it
-runs), and after the main loop takes the tile in two 64-column pieces: z rounded to the activation dtype into the
-third slot (the unfused kernels' z, so dg, du, w·h are the unfused values), the elementwise backward in a runtime
-loop over 32-row slabs (16-byte shared-memory accesses), three TMA stores; the second piece's g, u are loaded once
-the first piece's stores have read the slots. Measured on an H100 at N=4096 (V2-Lite, alone, do_bench median of 3;
-.ab scripts, not in the repo): 0.382 ms against 0.258 (`hidden_grad`) + 0.166 (`_moe_swiglu_bwd_kernel`); dg, du,
-w·h identical to the bit to the unfused kernels', the gate-weight gradient within 1.3e-7 relative (another
-summation order). A first version ran the elementwise backward straight from the accumulator's registers (z in
-fp32, 16-column parts to avoid spills): 0.655 ms, slower than the unfused pair, with the epilogue's math alone
-(no loads or stores) costing 0.19 ms over the plain GEMM: its ~4.5K straight-line instructions per tile per
-consumer, executed once per tile, no longer fit the instruction cache (inferred, not profiled: it had no register
-spills, and the runtime loop over the same formulas is 0.27 ms faster). Not yet timed inside the fwd+bwd step.
-
 Input grad (`input_grad`): dx_a = dg_p @ Wg[e] + du_p @ Wu[e] for the rows p of every used slot, scattered to their
 assignments a = row_P[p] (padding rows, row_P = −1, not stored), moe.py's `_moe_input_grad_kernel`'s product. The
 producer fills one ring with the F / 64 steps of (dg rows, Wg[e] tile) and then the F / 64 steps of (du rows,
@@ -133,17 +115,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
-if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.9 made the view public under this name
-    @gluon.jit
-    def _smem_view(smem, shape: gl.constexpr, layout: gl.constexpr):
-        """smem's bytes as another shape and shared layout, same dtype."""
-        return smem.reinterpret(smem.dtype, shape, layout)
-else:
-    @gluon.jit
-    def _smem_view(smem, shape: gl.constexpr, layout: gl.constexpr):
-        """smem's bytes as another shape and shared layout, same dtype."""
-        return smem._reinterpret(smem.dtype, shape, layout)
-
 TESTED_TRITON = ("3.6.", "3.9.")
 """Triton releases whose Gluon API these kernels were written and tested against."""
 
@@ -158,27 +129,20 @@ def _col_halves(x):
 
 
 @gluon.jit
-def _tma_store_rows(c_desc, c_smem, p0, n0, rows, R: gl.constexpr):
-    """The first R rows of c_smem → C[p0 :, n0 :] as TMA stores in 64-row halves (c_desc's block), the second only
-    if the block has its rows."""
-    HALF: gl.constexpr = c_desc.block_type.shape[0]
-    _tma_store(c_desc, [p0, n0], c_smem.slice(0, HALF))
-    if R > HALF:
-        if rows > HALF:
-            _tma_store(c_desc, [p0 + HALF, n0], c_smem.slice(HALF, HALF))
-
-
-@gluon.jit
 def _epilogue_store_piece(c_desc, c_smem, x, p0, n0, rows):
     """x [R, EPI_N] → c_smem → TMA store in 64-row halves (the second only if the block has its rows)."""
     R: gl.constexpr = x.shape[0]
+    HALF: gl.constexpr = c_desc.block_type.shape[0]
     tma.store_wait(0)  # the previous store has finished reading c_smem
     if R < c_smem.shape[0]:
         c_smem.slice(0, R).store(x.to(c_desc.dtype))
     else:
         c_smem.store(x.to(c_desc.dtype))
     fence_async_shared()
-    _tma_store_rows(c_desc, c_smem, p0, n0, rows, R)
+    _tma_store(c_desc, [p0, n0], c_smem.slice(0, HALF))
+    if R > HALF:
+        if rows > HALF:
+            _tma_store(c_desc, [p0 + HALF, n0], c_smem.slice(HALF, HALF))
 
 
 @gluon.jit
@@ -451,10 +415,9 @@ def _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM: gl.constexpr, N_COL
 
 
 @gluon.jit
-def _hgrad_producer(a_desc, a_half_desc, b_desc, c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, block_ptr,
-                    start_ptr, count_ptr, n_tiles, n_mb, K, P, F, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars,
-                    turn_bars, gu_bars, GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr,
-                    EXPERT_ORDER: gl.constexpr, SWIGLU: gl.constexpr, ROLE: gl.constexpr):
+def _hgrad_producer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K, a_bufs,
+                    b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, GROUP_M: gl.constexpr, N_COLS: gl.constexpr,
+                    HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr, ROLE: gl.constexpr):
     """TMA producer: per used tile, K / BK ring slots of dout[p0 :, k0 :] [BM, BK] and Wd[e·K + k0 :, n-tile]
     [BK, BN]. With HALF_ROWS a half block's A tiles are its BM / 2 rows only (the first half of the slot; the ready
     barrier expects those bytes)."""
@@ -521,214 +484,51 @@ def _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, it, k_steps, ROWS: gl.c
 
 
 @gluon.jit
-def _gu_load(gu_desc, g_smem, u_smem, bar, p0, n0, P):
-    """TMA loads of the SwiGLU pre-activation pieces g = gu[0, p0 :, n0 :] → g_smem and u = gu[1, p0 :, n0 :] →
-    u_smem, completing on bar (gu_desc: the planes [2, P, F] as [2P, F], block [BM, EPI_N]; zero fill past F and
-    past 2P)."""
-    mbarrier.expect(bar, 2 * gu_desc.block_type.nbytes)
-    _tma_load(gu_desc, [p0, n0], bar, g_smem)
-    _tma_load(gu_desc, [P + p0, n0], bar, u_smem)
-
-
-@gluon.jit
-def _swiglu_rows(z_smem, g_smem, u_smem, row_ptr, w_ptr, part_ptr, p0, rows, layout: gl.constexpr):
-    """The SwiGLU backward of one [RS, EPI_N] slab of a piece (moe.py's `_moe_swiglu_bwd_kernel`'s formulas), rows
-    p0 .. p0 + RS, from z (rounded to the activation dtype, as the unfused kernels store it), g and u in shared
-    memory, written back in place: w·h → z_smem, dg → g_smem, du → u_smem, all 0 on rows without an assignment
-    (padding rows; rows r ≥ rows belong to no block); part[p0 + r] ← Σ over the slab's columns of z·h for r < rows.
-    h is recomputed as the forward rounded it; w = weights[row_P[p]]."""
-    RS: gl.constexpr = z_smem.shape[0]
-    r = gl.arange(0, RS, layout=gl.SliceLayout(1, layout))
-    row = gl.load(row_ptr + p0 + r, mask=r < rows, other=-1)
-    keep = gl.expand_dims(row >= 0, 1)
-    w = gl.expand_dims(gl.load(w_ptr + row, mask=row >= 0, other=0.0), 1)
-    z = z_smem.load(layout).to(gl.float32)
-    g = g_smem.load(layout).to(gl.float32)
-    u = u_smem.load(layout).to(gl.float32)
-    sig = 1.0 / (1.0 + gl.exp(-g))
-    silu = g * sig
-    h = (silu * u).to(z_smem.dtype).to(gl.float32)
-    dh = z * w
-    z_smem.store(gl.where(keep, h * w, 0.0).to(z_smem.dtype))
-    g_smem.store(gl.where(keep, dh * u * sig * (1.0 + g * (1.0 - sig)), 0.0).to(g_smem.dtype))
-    u_smem.store(gl.where(keep, dh * silu, 0.0).to(u_smem.dtype))
-    gl.store(part_ptr + p0 + r, gl.sum(z * h, axis=1), mask=r < rows)
-
-
-@gluon.jit
-def _swiglu_piece(z, g_smem, u_smem, hw_smem, bar, gu_n, row_ptr, w_ptr, part_ptr, p0, rows):
-    """One EPI_N-column piece of the fused epilogue: z [R, EPI_N] (fp32, accumulator registers) → the activation
-    dtype → hw_smem; once g, u have landed in g_smem, u_smem (bar, phase gu_n & 1), `_swiglu_rows` over the
-    block's rows in RS-row slabs, a runtime loop (the whole piece as straight-line code on the accumulator's
-    registers made the kernel 0.655 ms instead of 0.382 at N=4096: see the module docstring). Returns gu_n + 1."""
-    R: gl.constexpr = z.shape[0]
-    W: gl.constexpr = z.shape[1]
-    RS: gl.constexpr = 32
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 8 columns (16 bytes) per thread
-    # the slots as [R / RS, RS, W] (as a ring of [RS, W] buffers): 8-row swizzle atoms are contiguous, so a slab
-    # is a [RS, W] buffer with the same swizzle
-    slabs: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    gl.static_assert(W * 2 == 128, "64-column pieces of 16-bit values: 128-byte rows")
-    hw_smem.store(z.to(hw_smem.dtype))
-    mbarrier.wait(bar, gu_n & 1)
-    z_slabs = _smem_view(hw_smem, [R // RS, RS, W], slabs)
-    g_slabs = _smem_view(g_smem, [R // RS, RS, W], slabs)
-    u_slabs = _smem_view(u_smem, [R // RS, RS, W], slabs)
-    for s in range((rows + RS - 1) // RS):
-        _swiglu_rows(z_slabs.index(s), g_slabs.index(s), u_slabs.index(s), row_ptr, w_ptr, part_ptr, p0 + s * RS,
-                     rows - s * RS, layout)
-    return gu_n + 1
-
-
-@gluon.jit
-def _swiglu_store(dgu_desc, hw_desc, g_smem, u_smem, hw_smem, p0, n0, rows, P, R: gl.constexpr):
-    """One piece's dg, du (planes of dgu_desc: [2, P, F] as [2P, F]) and w·h out of shared memory (`_tma_store_rows`)."""
-    fence_async_shared()
-    _tma_store_rows(dgu_desc, g_smem, p0, n0, rows, R)
-    _tma_store_rows(dgu_desc, u_smem, P + p0, n0, rows, R)
-    _tma_store_rows(hw_desc, hw_smem, p0, n0, rows, R)
-
-
-@gluon.jit
-def _swiglu_epilogue(acc, gu_desc, dgu_desc, hw_desc, c_bufs, bar, gu_n, row_ptr, w_ptr, part_ptr, p0, n, rows, P, F,
-                     ROLE: gl.constexpr):
-    """The fused epilogue of tile (p0, column tile n): acc = z [R, BN] → dg, du, w·h in two EPI_N-column pieces
-    (`_swiglu_piece`) through this consumer's three shared-memory slots c_bufs[3·ROLE ..] (g → dg, u → du, z → w·h),
-    and part[c, p0 + r] = Σ over piece c = 2n + i's columns of z·h. Piece 0's g, u were loaded before the main loop
-    (`_hgrad_consumer`); piece 1's once piece 0's stores have read the slots, unless it lies past F. gu_n:
-    completions of bar so far; returns the new count."""
-    R: gl.constexpr = acc.shape[0]
-    BN: gl.constexpr = acc.shape[1]
-    EPI_N: gl.constexpr = c_bufs.shape[2]
-    g_smem = c_bufs.index(3 * ROLE)
-    u_smem = c_bufs.index(3 * ROLE + 1)
-    hw_smem = c_bufs.index(3 * ROLE + 2)
-    z0, z1 = _col_halves(acc)
-    gu_n = _swiglu_piece(z0, g_smem, u_smem, hw_smem, bar, gu_n, row_ptr, w_ptr, part_ptr + 2 * n * P, p0, rows)
-    _swiglu_store(dgu_desc, hw_desc, g_smem, u_smem, hw_smem, p0, n * BN, rows, P, R)
-    if n * BN + EPI_N < F:
-        tma.store_wait(0)  # piece 0's stores have read the slots
-        _gu_load(gu_desc, g_smem, u_smem, bar, p0, n * BN + EPI_N, P)
-        gu_n = _swiglu_piece(z1, g_smem, u_smem, hw_smem, bar, gu_n, row_ptr, w_ptr, part_ptr + (2 * n + 1) * P, p0,
-                             rows)
-        _swiglu_store(dgu_desc, hw_desc, g_smem, u_smem, hw_smem, p0, n * BN + EPI_N, rows, P, R)
-    return gu_n
-
-
-@gluon.jit
-def _hgrad_tile(a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, bar, gu_n, c_desc, gu_desc, dgu_desc,
-                row_ptr, w_ptr, part_ptr, j, k_steps, p0, n, rows, P, F, ROWS: gl.constexpr, BN: gl.constexpr,
-                STAGES: gl.constexpr, SWIGLU: gl.constexpr, ROLE: gl.constexpr):
-    """One ping-pong consumer's tile j (its ring slots start at j·k_steps): main loop, pass the turn once all its
-    slots were waited on, retire the last wgmma, release its slot, then the epilogue: z stored (c_desc, in EPI_N
-    pieces), or with SWIGLU the SwiGLU backward (`_swiglu_epilogue`). Returns gu_n."""
-    acc, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps, ROWS, BN, STAGES,
-                                 False)
-    mbarrier.arrive(turn_bars.index(1 - ROLE))  # all this tile's slots waited on: the other's turn
-    acc = warpgroup_mma_wait(0, deps=[acc])
-    mbarrier.arrive(empty_bars.index(prev))
-    if SWIGLU:
-        gu_n = _swiglu_epilogue(acc, gu_desc, dgu_desc, c_desc, c_bufs, bar, gu_n, row_ptr, w_ptr, part_ptr, p0, n,
-                                rows, P, F, ROLE)
-    else:
-        _epilogue_store(c_desc, c_bufs.index(ROLE), acc, p0, n * BN, rows, c_bufs.shape[2])
-    return gu_n
-
-
-@gluon.jit
-def _hgrad_consumer(a_desc, a_half_desc, b_desc, c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, block_ptr,
-                    start_ptr, count_ptr, n_tiles, n_mb, K, P, F, a_bufs, b_bufs, c_bufs, ready_bars, empty_bars,
-                    turn_bars, gu_bars, GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr,
-                    EXPERT_ORDER: gl.constexpr, SWIGLU: gl.constexpr, ROLE: gl.constexpr):
+def _hgrad_consumer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K, a_bufs,
+                    b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, GROUP_M: gl.constexpr, N_COLS: gl.constexpr,
+                    HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr, ROLE: gl.constexpr):
     """Ping-pong consumer ROLE: the used tiles j with j % 2 == ROLE, each a whole BM × BN tile, so one consumer's
     epilogue overlaps the other's main loop. The other consumer's ring slots are skipped by counting (every used
     tile takes K / BK slots). The main loops take turns through turn_bars: a consumer starts waiting on its tile's
     slots only after the other has waited on all of its previous tile's, so a ready barrier is never more than one
     phase behind the parity waited for (without the turns consumer 1 waited on slots several phases ahead, took a
     stale phase of the same parity as ready, and the kernel faulted). With HALF_ROWS a half block runs BM / 2-row
-    wgmmas; else it runs the full tile (its second half computes the next expert's rows, which are not stored).
-    With SWIGLU the consumer loads its tile's first g, u pieces (TMA, into its own slots, on gu_bars[ROLE]) before
-    waiting for its turn, so they land while its main loop runs."""
+    wgmmas; else it runs the full tile (its second half computes the next expert's rows, which are not stored)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[1]
     STAGES: gl.constexpr = a_bufs.shape[0]
+    EPI_N: gl.constexpr = c_bufs.shape[2]
+    c_smem = c_bufs.index(ROLE)
     k_steps = K // BK
-    bar = gu_bars.index(ROLE)
-    gu_n = 0
     j = 0
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         e, m, n = _slot_tile(t, block_ptr, start_ptr, count_ptr, n_mb, BM, N_COLS, GROUP_M, EXPERT_ORDER)
         if e >= 0:
             if j % 2 == ROLE:
+                mbarrier.wait(turn_bars.index(ROLE), ((j // 2) & 1) ^ (1 - ROLE))  # consumer 0 passes at once
                 p0 = gl.load(block_ptr + n_mb + m)
                 rows = gl.load(block_ptr + 2 * n_mb + m)
-                if SWIGLU:
-                    tma.store_wait(0)  # the previous tile's stores have read the slots
-                    _gu_load(gu_desc, c_bufs.index(3 * ROLE), c_bufs.index(3 * ROLE + 1), bar, p0, n * BN, P)
-                mbarrier.wait(turn_bars.index(ROLE), ((j // 2) & 1) ^ (1 - ROLE))  # consumer 0 passes at once
-                if HALF_ROWS:  # (a constexpr branch: without HALF_ROWS the half-block tile is not built)
-                    if rows <= BM // 2:
-                        gu_n = _hgrad_tile(a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, bar, gu_n,
-                                           c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, j, k_steps, p0, n,
-                                           rows, P, F, BM // 2, BN, STAGES, SWIGLU, ROLE)
-                    else:
-                        gu_n = _hgrad_tile(a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, bar, gu_n,
-                                           c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, j, k_steps, p0, n,
-                                           rows, P, F, BM, BN, STAGES, SWIGLU, ROLE)
+                if HALF_ROWS:
+                    half = rows <= BM // 2
                 else:
-                    gu_n = _hgrad_tile(a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, bar, gu_n, c_desc,
-                                       gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, j, k_steps, p0, n, rows, P, F,
-                                       BM, BN, STAGES, SWIGLU, ROLE)
+                    half = False  # compile-time: only the full-tile branch is built
+                if half:
+                    acc_h, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
+                                                      BM // 2, BN, STAGES, False)  # (own name: branches merge by name)
+                    mbarrier.arrive(turn_bars.index(1 - ROLE))  # all this tile's slots waited on: the other's turn
+                    acc_h = warpgroup_mma_wait(0, deps=[acc_h])
+                    mbarrier.arrive(empty_bars.index(prev))
+                    _epilogue_store(c_desc, c_smem, acc_h, p0, n * BN, rows, EPI_N)
+                else:
+                    acc, prev, it = _pp_mainloop(a_bufs, b_bufs, ready_bars, empty_bars, j * k_steps, k_steps,
+                                                    BM, BN, STAGES, False)
+                    mbarrier.arrive(turn_bars.index(1 - ROLE))
+                    acc = warpgroup_mma_wait(0, deps=[acc])
+                    mbarrier.arrive(empty_bars.index(prev))
+                    _epilogue_store(c_desc, c_smem, acc, p0, n * BN, rows, EPI_N)
             j += 1
     tma.store_wait(0)
-
-
-@gluon.jit
-def _hgrad(a_desc, a_half_desc, b_desc, c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, block_ptr, start_ptr,
-           count_ptr, n_tiles, n_mb, K, P, F, STAGES: gl.constexpr, GROUP_M: gl.constexpr, N_COLS: gl.constexpr,
-           HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr, SWIGLU: gl.constexpr):
-    """The hidden-grad kernel body (`_hidden_grad_kernel`, `_hidden_grad_swiglu_kernel`). The producer is the
-    default partition (4 warps), the two consumers 4-warp workers (232 registers). Epilogue shared memory: one
-    [BM, EPI_N] store buffer per consumer, or with SWIGLU three (g → dg, u → du, w·h) and a barrier for the g, u
-    loads per consumer."""
-    BM: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = b_desc.block_type.shape[1]
-    EPI_N: gl.constexpr = c_desc.block_type.shape[1]
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BN], b_desc.layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    if SWIGLU:
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [6, BM, EPI_N], c_desc.layout)
-        gu_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(gu_bars.index(i), count=1)
-    else:
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, EPI_N], c_desc.layout)
-        gu_bars = turn_bars  # not used
-    fence_async_shared()
-    gl.warp_specialize([
-        (_hgrad_producer, (a_desc, a_half_desc, b_desc, c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, block_ptr,
-                           start_ptr, count_ptr, n_tiles, n_mb, K, P, F, a_bufs, b_bufs, c_bufs, ready_bars,
-                           empty_bars, turn_bars, gu_bars, GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, SWIGLU, 0)),
-        (_hgrad_consumer, (a_desc, a_half_desc, b_desc, c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, block_ptr,
-                           start_ptr, count_ptr, n_tiles, n_mb, K, P, F, a_bufs, b_bufs, c_bufs, ready_bars,
-                           empty_bars, turn_bars, gu_bars, GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, SWIGLU, 0)),
-        (_hgrad_consumer, (a_desc, a_half_desc, b_desc, c_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, block_ptr,
-                           start_ptr, count_ptr, n_tiles, n_mb, K, P, F, a_bufs, b_bufs, c_bufs, ready_bars,
-                           empty_bars, turn_bars, gu_bars, GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, SWIGLU, 1)),
-    ], [4, 4], [232, 232])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready_bars.index(i))
-        mbarrier.invalidate(empty_bars.index(i))
 
 
 @gluon.jit
@@ -739,22 +539,38 @@ def _hidden_grad_kernel(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_pt
     tile); see the module docstring. a_desc: dout [P, K], block [BM, BK] (a_half_desc: block [BM / 2, BK], read only
     with HALF_ROWS); b_desc: Wd as [E·K, F], block [BK, BN] (K % BK == 0: a step never reads the next expert's rows;
     zero fill past F); c_desc: z [P, F], block [BM / 2, EPI_N] (a tile goes out in 64-row halves, the second only
-    for a full block; clipped past F). `_hgrad` without SWIGLU (the SwiGLU operands are placeholders)."""
-    _hgrad(a_desc, a_half_desc, b_desc, c_desc, c_desc, c_desc, block_ptr, block_ptr, block_ptr, block_ptr, start_ptr,
-           count_ptr, n_tiles, n_mb, K, 0, 0, STAGES, GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, False)
-
-
-@gluon.jit
-def _hidden_grad_swiglu_kernel(a_desc, a_half_desc, b_desc, hw_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr,
-                               block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K, P, F, STAGES: gl.constexpr,
-                               GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr,
-                               EXPERT_ORDER: gl.constexpr):
-    """`_hidden_grad_kernel`'s z tiles, not stored: the SwiGLU backward in their epilogue (`_swiglu_epilogue`).
-    gu_desc: the planes g, u [2, P, F] as [2P, F], block [BM, EPI_N]; dgu_desc: dg, du as [2P, F], hw_desc: w·h
-    [P, F], both block [BM / 2, EPI_N] (EPI_N = BN / 2); row_ptr: row_P [P]; w_ptr: the gate weights [A] fp32;
-    part_ptr: the gate-weight gradient's partial sums [cdiv(F, EPI_N), P] fp32."""
-    _hgrad(a_desc, a_half_desc, b_desc, hw_desc, gu_desc, dgu_desc, row_ptr, w_ptr, part_ptr, block_ptr, start_ptr,
-           count_ptr, n_tiles, n_mb, K, P, F, STAGES, GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, True)
+    for a full block; clipped past F). The producer is the default partition (4 warps), the two consumers 4-warp
+    workers (232 registers); an epilogue buffer [BM, EPI_N] per consumer."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[1]
+    EPI_N: gl.constexpr = c_desc.block_type.shape[1]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BN], b_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, EPI_N], c_desc.layout)
+    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bars.index(i), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_hgrad_producer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K,
+                           a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, GROUP_M, N_COLS, HALF_ROWS,
+                           EXPERT_ORDER, 0)),
+        (_hgrad_consumer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K,
+                           a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, GROUP_M, N_COLS, HALF_ROWS,
+                           EXPERT_ORDER, 0)),
+        (_hgrad_consumer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K,
+                           a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, GROUP_M, N_COLS, HALF_ROWS,
+                           EXPERT_ORDER, 1)),
+    ], [4, 4], [232, 232])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready_bars.index(i))
+        mbarrier.invalidate(empty_bars.index(i))
 
 
 @dataclass(frozen=True)
@@ -830,57 +646,6 @@ def hidden_grad(dout_PD: torch.Tensor, wd_EDF: torch.Tensor, block_3Mb: torch.Te
                                                STAGES=tile.stages, GROUP_M=tile.group_m, N_COLS=n_cols,
                                                HALF_ROWS=tile.half_rows, EXPERT_ORDER=tile.expert_order,
                                                num_warps=4, maxnreg=168)
-
-
-HGRAD_SWIGLU_TILE = HgradTile(stages=4, epi_n=64)
-"""The fused SwiGLU backward's launch shape (`hidden_grad_swiglu_bwd`): 64-column epilogue pieces, three [128, 64]
-slots per consumer (48 KB) beside a 4-deep ring (128 KB): 224 KB of shared memory, as HGRAD_TILE's 5-deep ring and
-two 128-column store buffers."""
-
-
-def hidden_grad_swiglu_bwd(dout_PD: torch.Tensor, wd_EDF: torch.Tensor, gu_2PF: torch.Tensor, weights_A: torch.Tensor,
-                           row_P: torch.Tensor, block_3Mb: torch.Tensor, pad_start_E: torch.Tensor,
-                           count_E: torch.Tensor, dgu_2PF: torch.Tensor, hw_PF: torch.Tensor,
-                           tile: HgradTile = HGRAD_SWIGLU_TILE) -> torch.Tensor:
-    """The hidden grad with moe.py's `_moe_swiglu_bwd_kernel` in its epilogue: for the rows p of every used slot of
-    block_3Mb (as `hidden_grad`), z_p = dout_PD[p] @ wd_EDF[e] (kept on chip), w = weights_A[row_P[p]]
-    (0 where row_P = −1), g, u = gu_2PF[:, p], h = silu(g)·u rounded to the activation dtype:
-        dgu_2PF[0, p] ← w·z·u·σ(g)·(1 + g·(1 − σ(g))),  dgu_2PF[1, p] ← w·z·silu(g),  hw_PF[p] ← w·h
-    (exactly 0 on padding rows; rows outside every slot untouched), in place. z is rounded to the activation dtype
-    first, as the unfused kernels store it, so these are the unfused kernels' values. Returns the gate-weight
-    gradient's partial sums part_CP [cdiv(F, epi_n), P] fp32: part[c, p] = Σ over the c-th epi_n columns of z·h
-    (written for the rows of every slot), which moe.py adds up per row in a fixed order (deterministic, no
-    atomics). The caller checks `usable` and `hidden_grad_fits`; all tensors contiguous, 16-byte aligned."""
-    P, D = dout_PD.shape
-    E, _, F = wd_EDF.shape
-    if (wd_EDF.shape[1] != D or gu_2PF.shape != (2, P, F) or dgu_2PF.shape != (2, P, F) or hw_PF.shape != (P, F)
-            or row_P.numel() != P or block_3Mb.dim() != 2 or block_3Mb.shape[0] != 3 or pad_start_E.numel() != E
-            or count_E.numel() != E):
-        raise ValueError(f"hidden_grad_swiglu_bwd: shapes dout {tuple(dout_PD.shape)}, Wd {tuple(wd_EDF.shape)}, gu "
-                         f"{tuple(gu_2PF.shape)}, dgu {tuple(dgu_2PF.shape)}, hw {tuple(hw_PF.shape)}, {row_P.numel()} "
-                         f"rows, block table {tuple(block_3Mb.shape)}, {pad_start_E.numel()} / {count_E.numel()} expert "
-                         "offsets do not fit together")
-    if D % tile.block_k or (tile.block_n, tile.epi_n, tile.half_rows) != (128, 64, False):
-        raise ValueError(f"hidden_grad_swiglu_bwd: {tile} does not fit D={D} (block_k must divide it) or is not a "
-                         "128-column tile in two 64-column epilogue pieces without half_rows")
-    BM = HGRAD_BLOCK_M
-    n_mb, n_cols = block_3Mb.shape[1], triton.cdiv(F, tile.block_n)
-    part_CP = torch.empty(triton.cdiv(F, tile.epi_n), P, dtype=torch.float32, device=dout_PD.device)
-    n_tiles = n_mb * n_cols
-    if n_tiles == 0 or P == 0:
-        return part_CP
-    a = _desc(dout_PD, [BM, tile.block_k])
-    a_half = _desc(dout_PD, [BM // 2, tile.block_k])
-    b = _desc(wd_EDF.view(E * D, F), [tile.block_k, tile.block_n])
-    hw = _desc(hw_PF, [BM // 2, tile.epi_n])
-    gu = _desc(gu_2PF.view(2 * P, F), [BM, tile.epi_n])
-    dgu = _desc(dgu_2PF.view(2 * P, F), [BM // 2, tile.epi_n])
-    n_sm = torch.cuda.get_device_properties(dout_PD.device).multi_processor_count
-    _hidden_grad_swiglu_kernel[(min(n_sm, n_tiles),)](
-        a, a_half, b, hw, gu, dgu, row_P, weights_A, part_CP, block_3Mb, pad_start_E, count_E, n_tiles, n_mb, D, P, F,
-        STAGES=tile.stages, GROUP_M=tile.group_m, N_COLS=n_cols, HALF_ROWS=tile.half_rows,
-        EXPERT_ORDER=tile.expert_order, num_warps=4, maxnreg=168)
-    return part_CP
 
 
 # ------------------------------------------------------------------------------- input grad and down projection
