@@ -26,7 +26,7 @@ shared memory (wgmma reads 16-bit operands either way). Two 4-warp consumer warp
     their main loops), so one's epilogue overlaps the other's main loop: at ~384 rows per expert a tile's
     32 KB store is as long as a good part of its 6-step main loop (~1.1 GB of weight gradients per step at N=4096);
   * split (`si` / `sj`): both consumers on one 256 × 128 / 128 × 256 tile, a 128 × 128 half each, reading one ring
-    slot (empty count 2): a quarter less operand traffic per FLOP; wins once the main loop dominates (~1536 rows).
+    slot (empty count 2): a quarter less operand traffic per FLOP; wins in the step from ~576 rows per expert (`FEW_ROWS`).
 Measured on an H100 at N=4096: dWd 0.255-0.264 ms vs 0.306-0.310 for the Triton kernel, dWg+dWu 0.487-0.541 vs
 0.631-0.636, output bit-identical.
 
@@ -318,8 +318,16 @@ class WgradTile:
         return {"pp": (1, 1), "si": (2, 1), "sj": (1, 2)}[self.kind]
 
 
-FEW_ROWS = 1024
-"""Below this many rows per expert the ping-pong tile wins (H100, benchmarks/README.md)."""
+FEW_ROWS = 512
+"""Below this many rows per expert the weight grads, the input grad and the down projection run ping-pong tiles,
+above it split tiles (a quarter less operand traffic per FLOP). Step A/Bs on an H100 at its power cap (V2-Lite,
+benchmarks/README.md): ping-pong wins at 384 rows per expert (N=4096: 2.833 against 2.880 ms all split), split at
+576 (N=6144: 4.046 → 3.992) and 768 (N=8192: 5.474 → 5.237, 15 rounds; 5.430 → 5.279 in another process). It was
+1024 from burst measurements of each kernel alone."""
+
+GATE_UP_FEW_ROWS = 1024
+"""gate_up's boundary (`gate_up_tile`): its 4-deep-ring tile was no faster at 768 rows per expert in the step
+(N=8192: 5.276 against 5.237 ms with the 6-deep ring, both with split tiles elsewhere)."""
 
 
 def wgrad_tile(G: int, rows_per_expert: float) -> WgradTile:
@@ -604,7 +612,7 @@ HGRAD_FEW_ROWS = 1024
 """moe.py runs this kernel below this many rows per expert. Device time inside the step on an H100 (V2-Lite shapes,
 benchmarks/README.md): 384 rows 0.248 ms against 0.294 for the Triton kernel; 1536 rows 1.027 against 0.989, where
 the Triton kernel's 128 × 256 tiles, with a quarter less operand traffic per FLOP, win as the weight gradients'
-split tiles do. Not measured in between: 1024 is the weight gradients' boundary (`FEW_ROWS`)."""
+split tiles do. Not measured in between (1024 was the weight gradients' boundary then, `FEW_ROWS`)."""
 
 
 def hidden_grad_fits(D: int, F: int, block_m: int, tile: HgradTile = HGRAD_TILE) -> bool:
@@ -1206,11 +1214,12 @@ class GateUpTile:
 
 
 def gate_up_tile(rows_per_expert: float) -> GateUpTile:
-    """Fastest measured launch shape (H100, V2-Lite, bench beside benchmarks/moe_hopper_ab.py): below FEW_ROWS rows
-    per expert a 6-deep ring with one epilogue buffer (N=4096 alone 0.519-0.548 ms; 5 stages / 2 buffers 0.554,
-    4 / 3 0.593-0.605; in the step 0.473-0.478 against 0.578-0.582 for the Triton kernel), above a 4-deep ring with a
-    buffer per output (N=16384 alone 1.941-2.174 against 2.107-2.545 for 6 / 1; in the step 1.827 against 2.127)."""
-    if rows_per_expert < FEW_ROWS:
+    """Fastest measured launch shape (H100, V2-Lite, bench beside benchmarks/moe_hopper_ab.py): below
+    GATE_UP_FEW_ROWS rows per expert a 6-deep ring with one epilogue buffer (N=4096 alone 0.519-0.548 ms; 5 stages /
+    2 buffers 0.554, 4 / 3 0.593-0.605; in the step 0.473-0.478 against 0.578-0.582 for the Triton kernel), above a
+    4-deep ring with a buffer per output (N=16384 alone 1.941-2.174 against 2.107-2.545 for 6 / 1; in the step 1.827
+    against 2.127)."""
+    if rows_per_expert < GATE_UP_FEW_ROWS:
         return GateUpTile()
     return GateUpTile(stages=4, epi_bufs=3)
 
