@@ -120,6 +120,31 @@ TESTED_TRITON = ("3.6.", "3.9.")
 
 
 @gluon.jit
+def _ring_barriers(STAGES: gl.constexpr, EMPTY_COUNT: gl.constexpr):
+    """The mbarriers of a STAGES-deep shared-memory ring, initialised and fenced: ready[s] (the producer's TMA bytes
+    of slot s have landed), empty[s] (EMPTY_COUNT consumer arrivals: slot s may be refilled) and the two ping-pong
+    consumers' turn barriers. Allocated after the kernel's operand buffers."""
+    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_bars.index(i), count=1)
+        mbarrier.init(empty_bars.index(i), count=EMPTY_COUNT)
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bars.index(i), count=1)
+    fence_async_shared()
+    return ready_bars, empty_bars, turn_bars
+
+
+@gluon.jit
+def _release_ring(ready_bars, empty_bars, STAGES: gl.constexpr):
+    """Invalidate the ring's barriers once every partition has finished."""
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready_bars.index(i))
+        mbarrier.invalidate(empty_bars.index(i))
+
+
+@gluon.jit
 def _col_halves(x):
     """[R, W] register tensor → its column halves [R, W/2] (a register split: the column bit W/2 is a register
     bit of the wgmma accumulator layout, so no data moves)."""
@@ -274,15 +299,7 @@ def _weight_grad_kernel(a_desc, b_desc, c_desc, start_ptr, count_ptr, n_tiles, P
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BK, BI], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BJ], b_desc.layout)
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BI // SPLIT_I, EPI_N], c_desc.layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1 if SPLIT_I * SPLIT_J == 1 else 2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    fence_async_shared()
+    ready_bars, empty_bars, turn_bars = _ring_barriers(STAGES, 1 if SPLIT_I * SPLIT_J == 1 else 2)
     gl.warp_specialize([
         (_wgrad_producer, (a_desc, b_desc, c_desc, start_ptr, count_ptr, n_tiles, P, a_bufs, b_bufs, c_bufs, ready_bars,
                            empty_bars, turn_bars, G, N_I, N_J, SPLIT_I, SPLIT_J, 0)),
@@ -291,9 +308,7 @@ def _weight_grad_kernel(a_desc, b_desc, c_desc, start_ptr, count_ptr, n_tiles, P
         (_wgrad_consumer, (a_desc, b_desc, c_desc, start_ptr, count_ptr, n_tiles, P, a_bufs, b_bufs, c_bufs, ready_bars,
                            empty_bars, turn_bars, G, N_I, N_J, SPLIT_I, SPLIT_J, 1)),
     ], [4, 4], [232, 232])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready_bars.index(i))
-        mbarrier.invalidate(empty_bars.index(i))
+    _release_ring(ready_bars, empty_bars, STAGES)
 
 
 @dataclass(frozen=True)
@@ -556,15 +571,7 @@ def _hidden_grad_kernel(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_pt
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BN], b_desc.layout)
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, EPI_N], c_desc.layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    fence_async_shared()
+    ready_bars, empty_bars, turn_bars = _ring_barriers(STAGES, 1)
     gl.warp_specialize([
         (_hgrad_producer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K,
                            a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, GROUP_M, N_COLS, HALF_ROWS,
@@ -576,9 +583,7 @@ def _hidden_grad_kernel(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_pt
                            a_bufs, b_bufs, c_bufs, ready_bars, empty_bars, turn_bars, GROUP_M, N_COLS, HALF_ROWS,
                            EXPERT_ORDER, 1)),
     ], [4, 4], [232, 232])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready_bars.index(i))
-        mbarrier.invalidate(empty_bars.index(i))
+    _release_ring(ready_bars, empty_bars, STAGES)
 
 
 @dataclass(frozen=True)
@@ -856,15 +861,7 @@ def _row_gemm(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_p
     B_COLS: gl.constexpr = b0_desc.block_type.shape[1]
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b0_desc.dtype, [STAGES, B_ROWS, B_COLS], b0_desc.layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=2 if SPLIT else 1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    fence_async_shared()
+    ready_bars, empty_bars, turn_bars = _ring_barriers(STAGES, 2 if SPLIT else 1)
     # (the argument tuples written out: a tuple built by concatenation turned the constexprs into tensors)
     if SPLIT:
         gl.warp_specialize([
@@ -896,9 +893,7 @@ def _row_gemm(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_p
               a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
               GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 1)),
         ], [4, 4], [232, 232])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready_bars.index(i))
-        mbarrier.invalidate(empty_bars.index(i))
+    _release_ring(ready_bars, empty_bars, STAGES)
 
 
 @gluon.jit
@@ -1169,15 +1164,7 @@ def _gate_up_kernel(a_desc, wg_desc, wu_desc, h_desc, gu_desc, block_ptr, start_
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(wg_desc.dtype, [STAGES, 2 * FT, BK], wg_desc.layout)
     c_bufs = gl.allocate_shared_memory(h_desc.dtype, [2 * NB, BM, FT], h_desc.layout)
-    ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready_bars.index(i), count=1)
-        mbarrier.init(empty_bars.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn_bars.index(i), count=1)
-    fence_async_shared()
+    ready_bars, empty_bars, turn_bars = _ring_barriers(STAGES, 1)
     gl.warp_specialize([
         (_gate_up_producer,
          (a_desc, wg_desc, wu_desc, h_desc, gu_desc, block_ptr, start_ptr, count_ptr, a_bufs, b_bufs, c_bufs,
@@ -1189,9 +1176,7 @@ def _gate_up_kernel(a_desc, wg_desc, wu_desc, h_desc, gu_desc, block_ptr, start_
          (a_desc, wg_desc, wu_desc, h_desc, gu_desc, block_ptr, start_ptr, count_ptr, a_bufs, b_bufs, c_bufs,
           ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, GROUP_M, N_COLS, EXPERT_ORDER, STORE_GU, 1)),
     ], [4, 4], [232, 232])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready_bars.index(i))
-        mbarrier.invalidate(empty_bars.index(i))
+    _release_ring(ready_bars, empty_bars, STAGES)
 
 
 @dataclass(frozen=True)
