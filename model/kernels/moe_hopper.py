@@ -849,6 +849,27 @@ def _row_gemm_split_consumer(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, blo
 
 
 @gluon.jit
+def _row_gemm_consumer(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+                       a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F,
+                       BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                       N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr,
+                       CONVERT: gl.constexpr, EPI_N: gl.constexpr, SEGMENTS: gl.constexpr, B_TRANS: gl.constexpr,
+                       SPLIT: gl.constexpr, ROLE: gl.constexpr):
+    """Consumer ROLE: the split consumer (SPLIT) or the ping-pong one, chosen at compile time (a kernel function
+    cannot be held in a variable, so `_row_gemm` names this one in its partition list)."""
+    if SPLIT:
+        _row_gemm_split_consumer(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr,
+                                 out_ptr, a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F,
+                                 BN, BK, STAGES, GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS,
+                                 B_TRANS, ROLE)
+    else:
+        _row_gemm_pp_consumer(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr,
+                              out_ptr, a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F,
+                              BN, BK, STAGES, GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS,
+                              B_TRANS, ROLE)
+
+
+@gluon.jit
 def _row_gemm(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr, n_tiles,
               n_mb, P, D, F, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
               N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr, EXPERT_ORDER: gl.constexpr, CONVERT: gl.constexpr,
@@ -863,36 +884,20 @@ def _row_gemm(a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_p
     b_bufs = gl.allocate_shared_memory(b0_desc.dtype, [STAGES, B_ROWS, B_COLS], b0_desc.layout)
     ready_bars, empty_bars, turn_bars = _ring_barriers(STAGES, 2 if SPLIT else 1)
     # (the argument tuples written out: a tuple built by concatenation turned the constexprs into tensors)
-    if SPLIT:
-        gl.warp_specialize([
-            (_row_gemm_producer,
-             (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
-              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
-              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 0)),
-            (_row_gemm_split_consumer,
-             (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
-              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
-              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 0)),
-            (_row_gemm_split_consumer,
-             (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
-              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
-              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 1)),
-        ], [4, 4], [232, 232])
-    else:
-        gl.warp_specialize([
-            (_row_gemm_producer,
-             (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
-              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
-              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 0)),
-            (_row_gemm_pp_consumer,
-             (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
-              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
-              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 0)),
-            (_row_gemm_pp_consumer,
-             (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
-              a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
-              GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 1)),
-        ], [4, 4], [232, 232])
+    gl.warp_specialize([
+        (_row_gemm_producer,
+         (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+          a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+          GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, 0)),
+        (_row_gemm_consumer,
+         (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+          a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+          GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, SPLIT, 0)),
+        (_row_gemm_consumer,
+         (a_desc, a_half_desc, b0_desc, b1_desc, row_ptr, block_ptr, start_ptr, count_ptr, out_ptr,
+          a_bufs, b_bufs, ready_bars, empty_bars, turn_bars, n_tiles, n_mb, P, D, F, BN, BK, STAGES,
+          GROUP_M, N_COLS, HALF_ROWS, EXPERT_ORDER, CONVERT, EPI_N, SEGMENTS, B_TRANS, SPLIT, 1)),
+    ], [4, 4], [232, 232])
     _release_ring(ready_bars, empty_bars, STAGES)
 
 
