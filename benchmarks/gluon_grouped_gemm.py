@@ -6,7 +6,7 @@
 
 the product `_moe_hidden_grad_kernel` computes in model/kernels/moe.py, over the same routing metadata (the
 row-block table block_3Mb: expert, first padded row, rows = BLOCK_M or BLOCK_M / 2 per slot). The ping-pong
-kernel (`pp...`) is the model's since it moved into model/kernels/moe_hopper.py (moe.py runs `pp128x64x5x` on a
+kernel (`pp...`) is the model's since it moved into model/kernels/moe_hopper/hgrad.py (moe.py runs `pp128x64x5x` on a
 Hopper GPU); the others stay exploratory here (benchmarks/README.md, "Gluon warp-specialized grouped GEMM"). Each
 config runs beside the committed Triton kernel and cuBLAS (bmm over 64
 equal groups, dense) in one process, two rounds, do_bench medians; rel.err against an fp32 torch reference per
@@ -296,7 +296,7 @@ def gluon_hidden_grad(dout_PD, wd_EDF, block_3Mb, z_PF, BN=256, BK=64, STAGES=3,
                       split=False, EPI_N=None, NBUF=1, half_rows=False, expert_order=False, pad_start_E=None,
                       count_E=None):
     """z_PF ← the hidden grad by the kernel parse_config's keywords name; pad_start_E / count_E (each expert's first
-    row and rows) for the ping-pong kernel, which is moe.py's (model/kernels/moe_hopper.py)."""
+    row and rows) for the ping-pong kernel, which is moe.py's (model/kernels/moe_hopper/hgrad.py)."""
     E, D, F = wd_EDF.shape
     BM = 128
     assert D % BK == 0, (D, BK)

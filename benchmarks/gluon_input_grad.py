@@ -12,8 +12,8 @@ row scattered to its assignment a = row_P[p] (padding rows, row_P = −1, are no
 block_3Mb [3, Mb]: expert (−1: unused slot), first padded row, rows (128, or 64 for an expert's last block when
 that covers it).
 
-The kernel is model/kernels/moe_hopper.py's `input_grad` (design in its docstring; moe.py runs it on Hopper GPUs);
-this script sweeps its launch shapes: configs '[pp|sp]BNxBKxSTAGES' + options (gluon_grouped_gemm.parse_config's
+The kernel is model/kernels/moe_hopper/row_gemm.py's `input_grad` (design in its docstring; moe.py runs it on Hopper
+GPUs); this script sweeps its launch shapes: configs '[pp|sp]BNxBKxSTAGES' + options (gluon_grouped_gemm.parse_config's
 grammar: h half blocks as 64-row tiles, x expert-major tile order, gN GROUP_M, eN scatter piece width) + a final
 'c' for the converted scatter epilogue (`config_tile` → `IgradTile`).
 Output: per N, the committed Triton launch (moe_gemm_ceiling.triton_launches, on the step's real tensors), each

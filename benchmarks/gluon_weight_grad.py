@@ -12,9 +12,10 @@ metadata: expert e's rows are pad_start_E[e] .. pad_start_E[e] + count_E[e], pad
 of 64 (block_m / 2), so a reduction step of BK | 64 rows never leaves the expert's run and needs no row mask; an
 expert with no rows gets a zero gradient (its tiles run no step and store the zero accumulator).
 
-The kernel is model/kernels/moe_hopper.py's `weight_grad` (design in its docstring; moe.py runs it on Hopper GPUs);
-this script sweeps its launch shapes, configs 'KINDBIxBJxBKxSTAGES[eEPI_N]' (`parse_config` → `WgradTile`): KIND pp
-(ping-pong 128 × 128 tiles) or si / sj (split 256 × 128 / 128 × 256), EPI_N the columns per epilogue store piece.
+The kernel is model/kernels/moe_hopper/wgrad.py's `weight_grad` (design in its docstring; moe.py runs it on Hopper
+GPUs); this script sweeps its launch shapes, configs 'KINDBIxBJxBKxSTAGES[eEPI_N]' (`parse_config` → `WgradTile`):
+KIND pp (ping-pong 128 × 128 tiles) or si / sj (split 256 × 128 / 128 × 256), EPI_N the columns per epilogue store
+piece.
 
 The benchmark runs, per N, on the step's real operands (benchmarks/moe_gemm_ceiling.py `triton_launches`): each
 config on NaN-poisoned outputs against an fp32 torch reference per expert (all experts at N=4096, the first 16

@@ -4,7 +4,7 @@
                                        [--arms triton,no_gate_up,hopper] [--down-tiles pp5,sp3,...]
 
 Arms (ARMS: `MoETiles` switches): `triton` (hopper False: moe.py's Triton kernels everywhere), `no_gate_up` (the
-model/kernels/moe_hopper.py kernels where `usable` and they fit, but gate_up on moe.py's Triton kernel), `hopper`
+model/kernels/moe_hopper/ kernels where `usable` and they fit, but gate_up on moe.py's Triton kernel), `hopper`
 (the default: every moe_hopper kernel where it applies, the Gluon gate_up included). V2-Lite expert shapes in
 bf16, the routing of benchmarks/kernels.py (uniform random top-6 of 64; --drop: 10% of the assignments dropped, as
 its "drop10%" rows), `moe_experts_fwd` + `moe_experts_bwd` timed

@@ -1,4 +1,4 @@
-"""model/kernels/moe_hopper.py: the Gluon weight-gradient, hidden-grad, input-grad and down-projection kernels against
+"""model/kernels/moe_hopper/: the Gluon weight-gradient, hidden-grad, input-grad and down-projection kernels against
 fp64 references (the row-block ones also against moe.py's Triton kernels, rows written included), and the MoE step with
 the Hopper kernels on and off. The kernels run only on a Hopper GPU (sm_90) with a tested Triton (`usable`); on other
 machines only the host-side checks run here, and moe.py runs its Triton kernels."""

@@ -7,8 +7,8 @@ lazily, only when `kernels="triton"`, so the torch path never imports Triton.
   rmsnorm.py     RMSNorm forward/backward, optionally fused with the residual add
   rope.py        interleaved (adjacent-pair) RoPE forward/backward
   moe.py         routed experts: permutation, grouped GEMM gate/up + SwiGLU, grouped GEMM down, combine
-  moe_hopper.py  Hopper (sm_90) warp-specialized Gluon kernels for moe.py's down projection and backward GEMMs,
-                 used where they fit
+  moe_hopper/    Hopper (sm_90) warp-specialized Gluon kernels for moe.py's gate_up, down projection and backward
+                 GEMMs, used where they fit (a package: one module per kernel family)
   mla_decode.py  MLA decode over the latent cache with absorbed weights (split over the context)
   logprobs.py    hidden → log-prob of given tokens (+ entropy) without [tokens, vocab] logits
 

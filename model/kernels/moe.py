@@ -16,25 +16,25 @@ Forward, three launches after a metadata step that sorts assignments by expert w
      permutation is fused into the load), two GEMMs sharing the x tile, SwiGLU in registers;
      writes h [P, F] and (training) the pre-activations g, u as planes gu [2, P, F]. On a Hopper GPU with
      `MoETiles.hopper_gate_up`, x gathered into padded-row order first (`_gather_rows`, x alone) and
-     moe_hopper.py's Gluon kernel instead (TMA tiles of x_PD, g and u from one wgmma: same h, g, u to the bit;
-     at N=4096 0.47 ms + 0.05 for the gather against 0.58 in the step)
+     moe_hopper/gate_up_proj.py's Gluon kernel instead (TMA tiles of x_PD, g and u from one wgmma: same h, g, u
+     to the bit; at N=4096 0.47 ms + 0.05 for the gather against 0.58 in the step)
   2. `_moe_down_kernel`: h @ Wd[e]ᵀ, rows scattered back to assignment order y [A, D]; on a Hopper GPU
-     moe_hopper.py's Gluon kernel instead (its input-grad kernel with one K segment and the weight tile
+     moe_hopper/row_gemm.py's Gluon kernel instead (its input-grad kernel with one K segment and the weight tile
      transposed: same result to the bit, ~10-15% less device time in the step)
   3. `_moe_combine_kernel`: out_n = Σ_k keep·w·y (fp32 sum, one rounding): the weighted un-permute.
 Backward, no atomics:
   `_moe_gather_rows_kernel`       x and dout in padded-row order [P, D] (zeros on padding rows), one launch
   `_moe_hidden_grad_kernel`       z = dout_p @ Wd[e] [P, F] (unweighted); on a Hopper GPU with under 1024 rows per
-                                  expert moe_hopper.py's ping-pong Gluon kernel instead (same rows written, same
-                                  result to the bit, ~16% faster at 384 rows per expert)
+                                  expert moe_hopper/hgrad.py's ping-pong Gluon kernel instead (same rows written,
+                                  same result to the bit, ~16% faster at 384 rows per expert)
   `_moe_swiglu_bwd_kernel`        dh = w·z → dg, du [2, P, F]; hw = w·h [P, F]; dw_a = Σ_f z_f·h_f
   `_moe_weight_grad_kernel` ×2    dWd[e] = Σ_rows dout_pᵀ (w·h)_p and dWg[e], dWu[e] = Σ_rows dg_pᵀ x_p,
                                   du_pᵀ x_p: GEMMs over each expert's contiguous run of padded rows (w moved
                                   from dy onto h, so both operands go to the tensor cores as loaded); on a
-                                  Hopper GPU moe_hopper.py's warp-specialized Gluon kernel instead (same sums,
-                                  same result to the bit, ~17% faster at V2-Lite shapes)
-  `_moe_input_grad_kernel`        dx_a = dg_a @ Wg[e] + du_a @ Wu[e] (on a Hopper GPU moe_hopper.py's Gluon
-                                  kernel instead: ~15% faster, the two K segments summed in another order, so
+                                  Hopper GPU moe_hopper/wgrad.py's warp-specialized Gluon kernel instead (same
+                                  sums, same result to the bit, ~17% faster at V2-Lite shapes)
+  `_moe_input_grad_kernel`        dx_a = dg_a @ Wg[e] + du_a @ Wu[e] (on a Hopper GPU moe_hopper/row_gemm.py's
+                                  Gluon kernel instead: ~15% faster, the two K segments summed in another order, so
                                   dx differs in the last bits), then the combine kernel sums each token's K rows
                                   (no weights) into dx [N, D].
 The Hopper kernels run where `moe_hopper.usable` (sm_90, 16-bit, a tested Triton) and the shapes fit, unless
@@ -378,7 +378,7 @@ class MoETiles:
     down_wgrad: Tile  # dWd [D, F] per expert (m over D, n over F, k over rows: must divide block_m)
     gate_up_wgrad: Tile  # dWg, dWu [F, D] per expert (m over F, n over D, k over rows: divides block_m)
     swiglu_bwd: Tile  # elementwise SwiGLU backward (m rows per program: divides block_m; n columns per step)
-    hopper: bool = True  # moe_hopper.py's Gluon down, hidden-, input- and weight-grad kernels where usable, fitting
+    hopper: bool = True  # moe_hopper's Gluon down, hidden-, input- and weight-grad kernels where usable, fitting
     hopper_gate_up: bool = True  # (with hopper) the Gluon gate_up kernel (after an x gather) where it applies
 
     def fit(self, D: int, F: int) -> MoETiles:
