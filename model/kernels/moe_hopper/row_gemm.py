@@ -321,7 +321,9 @@ class IgradTile:
     epi_n: int | None = None
     """Columns per scatter piece with `convert` (None: the whole tile width; else block_n / 2)."""
     half_rows: bool = False
-    """A half block as 64-row wgmmas (ping-pong; split always skips the idle half)."""
+    """A half block as 64-row wgmmas (ping-pong; split always skips the idle half). Off: in the N=4096 step at the
+    H100's power cap the input grad took 0.536 ms with it against 0.491 without (the down projection 0.256 / 0.261),
+    benchmarks/README.md "Session 9"."""
     expert_order: bool = True
     """Tiles one expert after another (`_slot_tile`), else moe.py's GROUP_M order."""
     group_m: int = 8
