@@ -155,7 +155,7 @@ def _compile_all_sm90(rows_per_expert: float) -> None:
                   [desc(P, D, [128, h.block_k]), desc(P, D, [64, h.block_k]), desc(E * D, F, [h.block_k, h.block_n]),
                    desc(P, F, [64, h.epi_n or h.block_n]), i32, i32, i32, "i32", "i32", "i32"],
                   dict(STAGES=h.stages, GROUP_M=h.group_m, N_COLS=triton.cdiv(F, h.block_n), HALF_ROWS=h.half_rows,
-                       EXPERT_ORDER=h.expert_order))
+                       EXPERT_ORDER=h.expert_order, EPI_M=h.epi_m))
     ti, td = moe_hopper.igrad_tile(rows_per_expert), moe_hopper.down_tile(rows_per_expert)
     for kernel, t, a_rows, weights in ((moe_hopper._input_grad_kernel, ti, 2 * P,
                                         2 * [desc(E * F, D, [ti.block_k, ti.block_n])]),  # Wg, Wu as [E·F, D]
@@ -299,7 +299,10 @@ def test_moe_step_same_with_and_without_hopper_kernels(n_tokens, monkeypatch):
     (torch.bfloat16, 200, HgradTile(expert_order=False)),  # moe.py's GROUP_M order
     (torch.bfloat16, 200, HgradTile(half_rows=True)),  # half blocks as 64-row wgmmas
     (torch.bfloat16, 200, HgradTile(stages=6, epi_n=64)),  # a 6-deep ring, 64-column store pieces
-], ids=["bf16-F200", "fp16-F200", "bf16-F384", "fp16-F384", "bf16-groupm", "bf16-halfrows", "bf16-s6e64"])
+    (torch.bfloat16, 200, HgradTile(stages=6, epi_n=64, epi_m=64)),  # 64 × 64 store pieces, one buffer's rows each
+    (torch.float16, 384, HgradTile(stages=6, epi_m=64, half_rows=True)),
+], ids=["bf16-F200", "fp16-F200", "bf16-F384", "fp16-F384", "bf16-groupm", "bf16-halfrows", "bf16-s6e64",
+        "bf16-s6e64m64", "fp16-s6m64-halfrows"])
 def test_hidden_grad_matches_fp64_reference_and_triton(dtype, F, tile):
     """z = dout_p @ Wd[e] over moe.py's routing metadata: odd row counts, half blocks (37, 64, 1, 129 rows), empty
     experts (first, middle, last), ~160 used row blocks (several tiles per program, so both ping-pong consumers
@@ -395,7 +398,9 @@ def _check_scattered(out, out_tri, row_P, pad_start_E, expert_ref, dtype):
     (torch.bfloat16, IgradTile(expert_order=False)),  # moe.py's GROUP_M order
     (torch.bfloat16, IgradTile(half_rows=True)),  # half blocks as 64-row wgmmas
     (torch.bfloat16, IgradTile(epi_n=64)),  # two scatter pieces per tile
-], ids=["bf16", "fp16", "bf16-split", "fp16-split", "bf16-noconvert", "bf16-groupm", "bf16-halfrows", "bf16-e64"])
+    (torch.bfloat16, IgradTile(stages=6)),  # a 6-deep ring
+], ids=["bf16", "fp16", "bf16-split", "fp16-split", "bf16-noconvert", "bf16-groupm", "bf16-halfrows", "bf16-e64",
+        "bf16-s6"])
 def test_input_grad_matches_fp64_reference_and_triton(dtype, tile):
     """dx_a = dg_p @ Wg[e] + du_p @ Wu[e] scattered to a = row_P[p] over moe.py's routing metadata: odd row counts,
     half blocks, empty experts (first, middle, last), ~160 used row blocks (several tiles per program: both

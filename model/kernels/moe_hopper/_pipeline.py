@@ -70,7 +70,29 @@ def _epilogue_store_piece(c_desc, c_smem, x, p0, n0, rows):
 
 
 @gluon.jit
+def _row_halves(x):
+    """[R, W] wgmma accumulator → its row halves [R/2, W] (a register split when R/2 ≥ 64: the row bit R/2 is a
+    repetition of the 4 warps' 64 rows, so no data moves)."""
+    R: gl.constexpr = x.shape[0]
+    W: gl.constexpr = x.shape[1]
+    return x.reshape([2, R // 2, W]).permute(1, 2, 0).split()
+
+
+@gluon.jit
 def _epilogue_store(c_desc, c_smem, acc, p0, n0, rows, EPI_N: gl.constexpr):
+    """acc [R, W] → C[p0 :, n0 : n0 + W] in pieces of EPI_N columns (W / EPI_N in 1, 2), and of R / 2 rows when
+    c_smem has only those (the second half only if the block has its rows)."""
+    if acc.shape[0] > c_smem.shape[0]:
+        top, bottom = _row_halves(acc)
+        _epilogue_store_cols(c_desc, c_smem, top, p0, n0, rows, EPI_N)
+        if rows > top.shape[0]:
+            _epilogue_store_cols(c_desc, c_smem, bottom, p0 + top.shape[0], n0, rows - top.shape[0], EPI_N)
+    else:
+        _epilogue_store_cols(c_desc, c_smem, acc, p0, n0, rows, EPI_N)
+
+
+@gluon.jit
+def _epilogue_store_cols(c_desc, c_smem, acc, p0, n0, rows, EPI_N: gl.constexpr):
     """acc [R, W] → C[p0 :, n0 : n0 + W] in pieces of EPI_N columns (W / EPI_N in 1, 2)."""
     if acc.shape[1] == EPI_N:
         _epilogue_store_piece(c_desc, c_smem, acc, p0, n0, rows)

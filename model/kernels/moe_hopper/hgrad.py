@@ -3,15 +3,16 @@
 Hidden grad (`hidden_grad`): z_p = dout_p @ Wd[e] [P, F] for the rows of every used row-block slot (block_3Mb: expert,
 first row, rows = 128 or 64), moe.py's `_moe_hidden_grad_kernel`'s product, rows and store pattern (a full block's
 128 rows, a half block's 64; padding rows come out 0 from their zero dout rows; rows outside every slot untouched).
-Persistent grid, TMA producer (default partition) filling a 5-deep ring of dout [128, 64] and Wd [64, 128] tiles
+Persistent grid, TMA producer (default partition) filling a 6-deep ring of dout [128, 64] and Wd [64, 128] tiles
 (Wd read as one [E·D, F] matrix: D % 64 == 0 keeps a step inside Wd[e]; TMA zero-fills past F and clips the store),
-two ping-pong consumers on alternate 128 × 128 tiles, each tile stored in 64-row halves (the second only for a full
-block). Tile order: one expert after another, its column tiles outer and its row blocks inner (`_slot_tile`,
-computed in the kernel from the block table and pad_start_E / count_E, so no host-built list and no device sync),
-which keeps fewer experts' weights in flight per wave than moe.py's GROUP_M order (also available, `HgradTile`).
-Measured on an H100 at N=4096 (benchmarks/gluon_grouped_gemm.py `pp128x64x5x`, the order then a host list):
-0.255-0.261 ms vs 0.295-0.318 for the Triton kernel; inside the step 0.248 vs 0.294 ms at 384 rows per expert,
-output bit-identical, but 1.027 vs 0.989 at 1536 rows, so moe.py runs it below `HGRAD_FEW_ROWS` rows per expert.
+two ping-pong consumers on alternate 128 × 128 tiles, each tile stored in 64 × 64 pieces through a 64 × 64 buffer
+per consumer (the second row half only for a full block; `HGRAD_TILE`). Tile order: one expert after another, its
+column tiles outer and its row blocks inner (`_slot_tile`, computed in the kernel from the block table and
+pad_start_E / count_E, so no host-built list and no device sync), which keeps fewer experts' weights in flight per
+wave than moe.py's GROUP_M order (also available, `HgradTile`). Measured on an H100 at N=4096 with a 5-deep ring
+(benchmarks/gluon_grouped_gemm.py `pp128x64x5x`, the order then a host list): 0.255-0.261 ms vs 0.295-0.318 for the
+Triton kernel; inside the step 0.248 vs 0.294 ms at 384 rows per expert, output bit-identical, but 1.027 vs 0.989 at
+1536 rows, so moe.py runs it below `HGRAD_FEW_ROWS` rows per expert; the 6-deep ring took off another 6% (`HGRAD_TILE`).
 """
 
 from __future__ import annotations
@@ -114,20 +115,21 @@ def _hgrad_consumer(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, c
 @gluon.jit
 def _hidden_grad_kernel(a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K,
                         STAGES: gl.constexpr, GROUP_M: gl.constexpr, N_COLS: gl.constexpr, HALF_ROWS: gl.constexpr,
-                        EXPERT_ORDER: gl.constexpr):
+                        EXPERT_ORDER: gl.constexpr, EPI_M: gl.constexpr):
     """z[p0 : p0 + rows, n-tile] = dout[p0 : p0 + BM] @ Wd[e][:, n-tile] for every used (row-block slot, column
     tile); see the module docstring. a_desc: dout [P, K], block [BM, BK] (a_half_desc: block [BM / 2, BK], read only
     with HALF_ROWS); b_desc: Wd as [E·K, F], block [BK, BN] (K % BK == 0: a step never reads the next expert's rows;
     zero fill past F); c_desc: z [P, F], block [BM / 2, EPI_N] (a tile goes out in 64-row halves, the second only
     for a full block; clipped past F). The producer is the default partition (4 warps), the two consumers 4-warp
-    workers (232 registers); an epilogue buffer [BM, EPI_N] per consumer."""
+    workers (232 registers); an epilogue buffer [EPI_M, EPI_N] per consumer (EPI_M = BM / 2: a tile's two row halves
+    go out one after the other, which leaves room for a 6-deep ring)."""
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[1]
     EPI_N: gl.constexpr = c_desc.block_type.shape[1]
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BK, BN], b_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BM, EPI_N], c_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, EPI_M, EPI_N], c_desc.layout)
     ready_bars, empty_bars, turn_bars = _ring_barriers(STAGES, 1)
     gl.warp_specialize([
         (_hgrad_producer, (a_desc, a_half_desc, b_desc, c_desc, block_ptr, start_ptr, count_ptr, n_tiles, n_mb, K,
@@ -155,6 +157,9 @@ class HgradTile:
     """Depth of the shared-memory ring."""
     epi_n: int | None = None
     """Columns per epilogue store piece (None: the whole tile width; else block_n / 2)."""
+    epi_m: int = HGRAD_BLOCK_M
+    """Rows of each consumer's epilogue buffer: the tile's, or half of them (its row halves stored one after the
+    other: a smaller buffer, room for a deeper ring)."""
     half_rows: bool = False
     """A half block as HGRAD_BLOCK_M / 2-row wgmmas (measured no faster on an H100: benchmarks/README.md)."""
     expert_order: bool = True
@@ -163,9 +168,12 @@ class HgradTile:
     """Row blocks per group of the GROUP_M order."""
 
 
-HGRAD_TILE = HgradTile()
-"""moe.py's launch shape, benchmarks/gluon_grouped_gemm.py's `pp128x64x5x` (H100, N = 4096: 0.255-0.261 ms against
-0.295-0.318 for moe.py's Triton kernel)."""
+HGRAD_TILE = HgradTile(stages=6, epi_n=64, epi_m=64)
+"""moe.py's launch shape: a 6-deep ring beside two 64 × 64 epilogue buffers (208 KB of shared memory; the whole-tile
+buffers left room for 5 stages). H100, N = 4096, same-process step A/B at the power cap (9 rounds, outputs identical
+to the bit): step 2.886 → 2.817 ms, hidden grad 0.253 → 0.237 ms of device time; N = 8192 5.443 → 5.376, 0.495 →
+0.463 (benchmarks/README.md "Session 10"). The 5-deep whole-buffer tile was benchmarks/gluon_grouped_gemm.py's
+`pp128x64x5x` (0.255-0.261 ms against 0.295-0.318 for moe.py's Triton kernel)."""
 
 HGRAD_FEW_ROWS = 1024
 """moe.py runs this kernel below this many rows per expert. Device time inside the step on an H100 (V2-Lite shapes,
@@ -212,4 +220,5 @@ def hidden_grad(dout_PD: torch.Tensor, wd_EDF: torch.Tensor, block_3Mb: torch.Te
     _hidden_grad_kernel[(min(n_sm, n_tiles),)](a, a_half, b, c, block_3Mb, pad_start_E, count_E, n_tiles, n_mb, D,
                                                STAGES=tile.stages, GROUP_M=tile.group_m, N_COLS=n_cols,
                                                HALF_ROWS=tile.half_rows, EXPERT_ORDER=tile.expert_order,
+                                               EPI_M=tile.epi_m,
                                                num_warps=4, maxnreg=168)
