@@ -52,6 +52,7 @@ block; no Python loop over experts anywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 import triton
@@ -405,15 +406,22 @@ class MoETiles:
 def default_tiles(D: int, F: int, dtype: torch.dtype, rows_per_expert: float) -> MoETiles:
     """Tiles per backend, dtype and mean rows per expert (A/E, the weight-gradient GEMMs' reduction length).
     The 16-bit GPU tiles were picked by sweeps on an H100 at V2-Lite shapes (benchmarks/README.md, Kernels);
-    fp32 keeps small tiles (4-byte operands)."""
-    if interpreting():  # one program at a time: the biggest tiles that stay cheap in numpy
+    fp32 keeps small tiles (4-byte operands). Built once per distinct answer: the forward and the backward of every
+    step ask, and building took ~50 µs of host time, which the N=4096 step on an H100 (near host-bound: 2.3-2.9 ms of
+    host time against ~2.7 ms on the GPU) cannot spare."""
+    return _default_tiles(D, F, dtype, rows_per_expert < _FEW_ROWS, interpreting())
+
+
+@cache
+def _default_tiles(D: int, F: int, dtype: torch.dtype, few_rows: bool, interpret: bool) -> MoETiles:
+    if interpret:  # one program at a time: the biggest tiles that stay cheap in numpy
         t = Tile(32, 128, 128, 4, 1)
         tiles = MoETiles(32, 8, t, t, t, t, Tile(128, 128, 16, 4, 1), Tile(128, 128, 16, 4, 1), Tile(16, 128, 0, 4, 1))
     elif dtype == torch.float32:
         t = Tile(64, 64, 32, 4, 2)
         tiles = MoETiles(64, 8, t, t, t, t, Tile(64, 64, 32, 4, 2), Tile(64, 64, 32, 4, 2), Tile(16, 64, 0, 4, 1))
     else:
-        tiles = _TUNED_16BIT_FEW_ROWS if rows_per_expert < _FEW_ROWS else _TUNED_16BIT
+        tiles = _TUNED_16BIT_FEW_ROWS if few_rows else _TUNED_16BIT
     return tiles.fit(D, F)
 
 

@@ -6,6 +6,8 @@ split boundary FEW_ROWS.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental.gluon import language as gl
@@ -22,15 +24,27 @@ TESTED_TRITON = ("3.6.", "3.9.")
 
 def usable(t: torch.Tensor) -> bool:
     """The Gluon kernels can run on t's device and dtype: a Hopper GPU (sm_90), 16-bit floats, a tested Triton."""
-    return (t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(t.device) == (9, 0)
+    return (t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _hopper(t.device.index)
             and triton.__version__.startswith(TESTED_TRITON))
+
+
+@functools.cache
+def _hopper(device_index: int | None) -> bool:
+    """The CUDA device is sm_90, asked once per device (moe.py asks before each of a step's six GEMMs; the query took
+    ~20 µs of host time each on the H100 machine, where the N=4096 step is near host-bound)."""
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+@functools.cache
+def _shared_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The default swizzled shared layout of a 16-bit block, built once per (block, dtype): building it took ~9 of
+    the ~13 µs of host time per descriptor, and a training step of the routed experts builds ~22 descriptors."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     """Host TMA descriptor of a 2-D 16-bit tensor with the default swizzled shared layout of its block."""
-    elem = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, elem))
+    return TensorDescriptor.from_tensor(t, block, _shared_layout(tuple(block), t.dtype))
 
 
 HGRAD_BLOCK_M = 128
