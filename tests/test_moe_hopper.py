@@ -66,6 +66,8 @@ def test_hidden_grad_rejects_mismatched_shapes():
         moe_hopper.hidden_grad(dout, wd, block, start, count, torch.zeros(256, 72))
     with pytest.raises(ValueError, match="does not fit D"):
         moe_hopper.hidden_grad(dout[:, :96], wd[:, :96], block, start, count, torch.zeros(256, 64))
+    with pytest.raises(ValueError, match="store pieces"):  # epilogue buffers of a quarter tile's rows
+        moe_hopper.hidden_grad(dout, wd, block, start, count, torch.zeros(256, 64), moe_hopper.HgradTile(epi_m=32))
 
 
 def test_input_grad_tile_choice_fit_and_shape_checks():

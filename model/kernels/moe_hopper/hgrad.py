@@ -204,9 +204,9 @@ def hidden_grad(dout_PD: torch.Tensor, wd_EDF: torch.Tensor, block_3Mb: torch.Te
                          f"{tuple(z_PF.shape)}, block table {tuple(block_3Mb.shape)}, {pad_start_E.numel()} / "
                          f"{count_E.numel()} expert offsets do not fit together")
     epi_n = tile.epi_n or tile.block_n
-    if D % tile.block_k or tile.block_n // epi_n not in (1, 2):
+    if D % tile.block_k or tile.block_n // epi_n not in (1, 2) or tile.epi_m not in (HGRAD_BLOCK_M, HGRAD_BLOCK_M // 2):
         raise ValueError(f"hidden_grad: {tile} does not fit D={D} (block_k must divide it) or gives other than 1 or 2 "
-                         "store pieces per tile")
+                         "store pieces per tile along either side")
     BM = HGRAD_BLOCK_M
     n_mb, n_cols = block_3Mb.shape[1], triton.cdiv(F, tile.block_n)
     n_tiles = n_mb * n_cols
