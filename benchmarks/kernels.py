@@ -193,6 +193,9 @@ def bench_moe(n_tokens: int, drop: bool = False):
     with torch.no_grad():
         t_fwd, t_fwd_ref = bench(ours), bench(reference)
     t_step, t_step_ref = bench(step(ours)), bench(step(reference))
+    # host time per step, 20 steps queued at once (~300 launches: within the launch queue, so the host never waits):
+    # when it nears the step's GPU time the row is host-bound (the GPU idles; the sustained clock reads high)
+    host_ms = host_time_us(step(ours), n=20) / 1e3
     t_hf_fwd = t_hf_step = None
     hf = None if drop else hf_grouped_mm_experts(E, D, F_, K)
     if hf is not None:
@@ -207,7 +210,7 @@ def bench_moe(n_tokens: int, drop: bool = False):
         t_hf_step = bench(lambda: torch.autograd.grad(hf(x, ids_NK, w_NK.to(DT)), hf_params, dout))
     shape = f"N={n_tokens} E={E} K={K} D={D} F={F_}" + (" drop10%" if drop else "")
     note = "rel.err out,dx,dWg,dWu,dWd,dw" + ("," + "hf" if hf is not None else "") + " = " + ",".join(
-        f"{e:.1e}" for e in errs) + (f"; {clock}" if clock else "")
+        f"{e:.1e}" for e in errs) + (f"; {clock}" if clock else "") + f"; host {host_ms:.2f} ms/step"
     record("moe experts fwd", shape, t_fwd, flops=fwd_flops, ref_ms=t_fwd_ref, hf_ms=t_hf_fwd)
     record("moe experts fwd+bwd", shape, t_step, flops=step_flops, ref_ms=t_step_ref, hf_ms=t_hf_step, note=note)
 
