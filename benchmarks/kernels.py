@@ -18,6 +18,7 @@ no more than 10% slower.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -78,28 +79,37 @@ def bench_back_to_back(fn, n: int = BACK_TO_BACK) -> float:
     return bench(calls) / n
 
 
-def sustained_clock(fn, secs: float = 1.5) -> str:
-    """SM clock and board power while fn runs back to back for `secs` (nvidia-smi sampled every 50 ms; the samples
-    above 200 W), and whether the driver's software power cap held the clock down: an H100 at its 700 W limit runs
-    its SM clock below the ~1830 MHz that the 989 TFLOP/s peak assumes. '' without nvidia-smi."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return ""
-    fields = "power.draw,clocks.sm,clocks_event_reasons.sw_power_cap"
+@contextlib.contextmanager
+def smi_samples(fields: str, period_ms: int = 50):
+    """nvidia-smi sampling `fields` (its --query-gpu names) on the current GPU every period_ms while the body runs.
+    Yields a list that is filled on a normal exit with one row per sample: the CSV fields as strings, unparsed
+    (benchmarks/moe_gemm_energy.py uses it too)."""
+    rows: list[list[str]] = []
     with tempfile.TemporaryFile("w+") as log:
-        probe = subprocess.Popen([smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", "50",
-                                  "-i", str(torch.cuda.current_device())], stdout=log, stderr=subprocess.DEVNULL)
+        probe = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
+                                  "-lms", str(period_ms), "-i", str(torch.cuda.current_device())],
+                                 stdout=log, stderr=subprocess.DEVNULL)
         try:
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < secs:
-                for _ in range(10):  # back to back, as do_bench runs it
-                    fn()
-                torch.cuda.synchronize()
+            yield rows
         finally:
             probe.terminate()
             probe.wait()
         log.seek(0)
-        rows = [line.split(", ") for line in log.read().splitlines()]
+        rows.extend(line.split(", ") for line in log.read().splitlines())
+
+
+def sustained_clock(fn, secs: float = 1.5) -> str:
+    """SM clock and board power while fn runs back to back for `secs` (nvidia-smi sampled every 50 ms; the samples
+    above 200 W), and whether the driver's software power cap held the clock down: an H100 at its 700 W limit runs
+    its SM clock below the ~1830 MHz that the 989 TFLOP/s peak assumes. '' without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    with smi_samples("power.draw,clocks.sm,clocks_event_reasons.sw_power_cap") as rows:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < secs:
+            for _ in range(10):  # back to back, as do_bench runs it
+                fn()
+            torch.cuda.synchronize()
     busy = [(float(r[0]), float(r[1]), r[2].strip()) for r in rows
             if len(r) == 3 and r[0].replace(".", "", 1).isdigit() and float(r[0]) > 200]
     if not busy:

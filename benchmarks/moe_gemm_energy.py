@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))  # after the repo root: benchmarks/model.py shadows model
+
+from kernels import smi_samples  # noqa: E402
 
 import model.kernels.moe as moe  # noqa: E402
 from model.kernels import moe_hopper as mh  # noqa: E402
@@ -44,29 +45,21 @@ STEADY_AFTER_S = 1.0
 def sample(fn, secs: float) -> tuple[float, float, float, float, str]:
     """fn run back to back for secs seconds: (ms per call, mean W 1-s average, mean W instantaneous, mean SM MHz,
     power-cap samples / samples), all over the part after STEADY_AFTER_S."""
-    with tempfile.TemporaryFile("w+") as log:
-        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp," + FIELDS, "--format=csv,noheader,nounits",
-                                "-lms", "50"], stdout=log, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(0.2)
-            t0, n, start = time.time(), 0, None
-            stop = torch.cuda.Event(enable_timing=True)
-            while time.time() - t0 < secs:
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-                if start is None and time.time() - t0 > STEADY_AFTER_S:
-                    start, n, t_steady = torch.cuda.Event(enable_timing=True), 0, time.time()
-                    start.record()
-                elif start is not None:
-                    n += 20
-            stop.record()
+    with smi_samples("timestamp," + FIELDS) as rows:
+        time.sleep(0.2)
+        t0, n, start = time.time(), 0, None
+        stop = torch.cuda.Event(enable_timing=True)
+        while time.time() - t0 < secs:
+            for _ in range(20):
+                fn()
             torch.cuda.synchronize()
-        finally:
-            smi.terminate()
-            smi.wait()
-        log.seek(0)
-        rows = [line.split(", ") for line in log.read().splitlines()]
+            if start is None and time.time() - t0 > STEADY_AFTER_S:
+                start, n, t_steady = torch.cuda.Event(enable_timing=True), 0, time.time()
+                start.record()
+            elif start is not None:
+                n += 20
+        stop.record()
+        torch.cuda.synchronize()
     ms = start.elapsed_time(stop) / max(n, 1)
     steady = rows[int(len(rows) * (t_steady - t0 + 0.2) / (secs + 0.2)):]
     vals = [(float(r[1]), float(r[2]), float(r[3]), r[4].strip() == "Active") for r in steady
