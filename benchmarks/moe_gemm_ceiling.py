@@ -1,6 +1,7 @@
 """GEMM ceiling of the fused MoE experts step at V2-Lite shapes (GPU, bf16).
 
     python benchmarks/moe_gemm_ceiling.py [--n 4096,16384]
+    python benchmarks/moe_gemm_ceiling.py --step-bound [--n 4096,8192,16384] [--rounds 7] [--graphs]
 
 The six expert GEMMs of one forward+backward step (E=64, top-6, D=2048, F=1408, the routing of
 benchmarks/kernels.py: seed 0, uniform random top-6 of a softmax over random scores), each timed with
@@ -18,6 +19,18 @@ Rates count the useful FLOPs (2*A*K*N per GEMM, padding rows not counted) for ev
 time of the step (routing, gathers, SwiGLU backward, combines, memsets) comes from a torch.profiler pass over
 committed fwd+bwd steps; the projected step = non-GEMM + the best (a)/(b) time of each GEMM.
 
+--step-bound measures the bound inside the step instead, at the power cap (an H100 runs the step at its 700 W
+limit, where isolated do_bench GEMMs, each after an idle L2 flush, read faster than they run in a step): alternating
+do_bench rounds, after ~1.5 s of steps, of
+  committed   the fwd+bwd step as benchmarks/kernels.py times it (random routing);
+  balanced    the same with every expert given exactly N*6/64 rows (no half blocks, no padding rows);
+  bmm         the committed step with each of its six GEMM launches replaced by cuBLAS torch.bmm over 64 equal
+              groups of N*6/64 rows (no raggedness, no padding, no epilogue work: no SwiGLU, no scatter), the
+              routing, gathers, SwiGLU backward and combines unchanged. Its outputs are meaningless; its time is
+              what the step would take with vendor GEMMs on an ideal routing.
+Each arm's host time per step is printed (a step whose host time nears its device time is host-bound: the GPU
+waits); --graphs replays each arm from a CUDA graph, which takes the host out.
+
 The A/B of the whole step with backward GEMMs routed through torch._grouped_mm inside moe_experts_bwd
 (benchmarks/README.md, "GEMM ceiling at these shapes") ran on a prototype that was not kept.
 """
@@ -25,7 +38,9 @@ The A/B of the whole step with backward GEMMs routed through torch._grouped_mm i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import sys
 
 import torch
@@ -35,7 +50,18 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the repo root: benchmarks/model.py shadows model
 
-from kernels import MOE_D, MOE_E, MOE_F, MOE_K, PEAK_TFLOPS, bench, moe_problem, rel_err  # noqa: E402
+from kernels import (  # noqa: E402
+    MOE_D,
+    MOE_E,
+    MOE_F,
+    MOE_K,
+    PEAK_TFLOPS,
+    bench,
+    host_time_us,
+    moe_problem,
+    rel_err,
+    sustained_clock,
+)
 
 import model.kernels.moe as moe  # noqa: E402
 
@@ -309,15 +335,97 @@ def ceiling(n_tokens: int) -> dict:
     return rows
 
 
+@contextlib.contextmanager
+def gemms_on_bmm(bmm: dict):
+    """moe_experts_fwd / moe_experts_bwd with each of the six GEMM launches replaced by the `bmm` closure of the same
+    GEMM (dense_launches: cuBLAS over E equal groups); everything else in the step unchanged."""
+    from model.kernels import moe_hopper as mh
+
+    patched = {
+        (mh, "gate_up"): lambda *a, **k: bmm["gate_up fwd"](),
+        (mh, "down_proj"): lambda *a, **k: bmm["down fwd"](),
+        (mh, "hidden_grad"): lambda *a, **k: bmm["hidden grad"](),
+        (mh, "input_grad"): lambda *a, **k: bmm["input grad"](),
+        (moe, "_weight_grad"): lambda tile, a_GPI, *rest: bmm["dWd" if a_GPI.shape[0] == 1 else "dWg+dWu"](),
+        # the launch choosers answer "the Hopper kernel", so every GEMM goes through the replaced functions
+        (moe, "_hopper_gate_up_tile"): lambda *a: True,
+        (moe, "_hopper_down_tile"): lambda *a: True,
+        (moe, "_hopper_hidden_grad"): lambda *a: True,
+        (moe, "_hopper_igrad_tile"): lambda *a: True,
+    }
+    saved = {key: getattr(*key) for key in patched}
+    try:
+        for (module, name), fn in patched.items():
+            setattr(module, name, fn)
+        yield
+    finally:
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
+
+
+def captured(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def step_bound(n_tokens: int, rounds: int, graphs: bool) -> dict[str, float]:
+    """Median ms of the committed step, the step on balanced routing, and the step with cuBLAS bmm GEMMs (module
+    docstring, --step-bound), in alternating do_bench rounds at the power cap; with `graphs` each replayed from a
+    CUDA graph."""
+    ref, x, ids_NK, w_NK, dout = problem(n_tokens)
+    balanced_NK = (torch.arange(n_tokens, device=DEV)[:, None] * K + torch.arange(K, device=DEV)) % E
+    committed, balanced = step_fn(ref, x, ids_NK, w_NK, dout), step_fn(ref, x, balanced_NK, w_NK, dout)
+    _, bmm = dense_launches(n_tokens)
+
+    def on_bmm():
+        with gemms_on_bmm(bmm):
+            return committed()
+
+    arms = {"committed": committed, "balanced": balanced, "bmm": on_bmm}
+    for fn in arms.values():
+        fn()
+    host = {name: host_time_us(fn, n=20) / 1e3 for name, fn in arms.items()}
+    if graphs:  # each arm replayed from a CUDA graph: device time alone, no host launch cost
+        arms = {name: captured(fn) for name, fn in arms.items()}
+    sustained = sustained_clock(committed)
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(rounds):
+        for name, fn in arms.items():
+            times[name].append(bench(fn))
+    total = 18 * n_tokens * K * D * F
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nN={n_tokens} ({n_tokens * K / E:.0f} rows per expert), medians of {rounds} alternating rounds; {sustained}")
+    for name, ms in med.items():
+        print(f"  {name:9s} {ms:.3f} ms ({min(times[name]):.3f}-{max(times[name]):.3f}), "
+              f"{100 * total / ms / 1e9 / PEAK_TFLOPS:.1f}% of peak, {med['committed'] / ms:.3f}x committed; "
+              f"host {host[name]:.2f} ms/step (eager)")
+    return med
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", default="4096,16384")
+    parser.add_argument("--step-bound", action="store_true", help="the bound inside the step, at the power cap")
+    parser.add_argument("--rounds", type=int, default=7, help="--step-bound: alternating rounds")
+    parser.add_argument("--graphs", action="store_true", help="--step-bound: replay each arm from a CUDA graph")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/moe_gemm_ceiling.py needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     for n in (int(v) for v in args.n.split(",") if v):
-        ceiling(n)
+        if args.step_bound:
+            step_bound(n, args.rounds, args.graphs)
+        else:
+            ceiling(n)
         torch.cuda.empty_cache()
 
 
