@@ -6,9 +6,11 @@
 The six expert GEMMs of one forward+backward step (E=64, top-6, D=2048, F=1408, the routing of
 benchmarks/kernels.py: seed 0, uniform random top-6 of a softmax over random scores), each timed with
 triton.testing.do_bench (median) three ways, plus one:
-  (a) triton   our Triton kernel, launched exactly as model/kernels/moe.py launches it (its own launch helpers
-               and tiles, on the step's real intermediate tensors; gate_up includes its row gather and SwiGLU
-               epilogue, down and input grad their scatter to assignment order);
+  (a) ours     our kernel, launched exactly as model/kernels/moe.py launches it (its own launch helpers and tile
+               choice, on the step's real intermediate tensors): the Gluon kernels of model/kernels/moe_hopper on
+               a Hopper GPU, else the Triton ones; gate_up includes its row gather (the Gluon path gathers x
+               first, as the forward does) and SwiGLU epilogue, down and input grad their scatter to assignment
+               order;
   (b) gmm      torch._grouped_mm (CUTLASS grouped GEMM) on the same padded, expert-sorted rows, offsets = each
                expert's end row; the 2F-wide GEMMs (gate_up, input grad, dWg/dWu) as one call on concatenated
                operands (the pure GEMM); "gmm x2" = the drop-in form on moe.py's planes (two calls, + an add
@@ -82,9 +84,10 @@ def flops(n_tokens: int) -> dict[str, float]:
     return {"gate_up fwd": 2 * f, "down fwd": f, "hidden grad": f, "input grad": 2 * f, "dWd": f, "dWg+dWu": 2 * f}
 
 
-def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
-    """Our kernels as moe_experts_fwd / moe_experts_bwd launch them, on the step's real tensors. Returns
-    (name -> launch closure, the intermediate tensors)."""
+def our_launches(n_tokens, ref, x, ids_NK, w_NK, dout, hopper: bool = True):
+    """Our kernels as moe_experts_fwd / moe_experts_bwd launch them (the same tile choice: Gluon on Hopper, else
+    Triton; hopper=False: Triton only), on the step's real tensors. Returns (name -> launch closure, the
+    intermediate tensors)."""
     wg, wu, wd = ref.gate_proj.detach(), ref.up_proj.detach(), ref.down_proj.detach()
     x = x.detach()
     tiles = moe.default_tiles(D, F, DT, n_tokens * K / E)
@@ -105,18 +108,37 @@ def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
              dwgu_2EFD=torch.empty(2, E, F, D, dtype=DT, device=DEV), dwd_1EDF=torch.empty(1, E, D, F, dtype=DT, device=DEV),
              dxa_AD=torch.empty(n_tokens * K, D, dtype=DT, device=DEV))
 
+    rows_per_expert = n_tokens * K / E
+    mh = moe._moe_hopper(tiles, x) if hopper else None  # None: every GEMM on its Triton kernel
+    gate_up_tile = moe._hopper_gate_up_tile(tiles, x, D, F, rows_per_expert) if mh else None
+    down_tile = moe._hopper_down_tile(tiles, T["h_PF"], D, F, rows_per_expert) if mh else None
+    hopper_hidden = bool(mh) and moe._hopper_hidden_grad(tiles, dout_PD, D, F, rows_per_expert)
+    igrad_tile = moe._hopper_igrad_tile(tiles, T["dgu_2PF"], D, F, rows_per_expert) if mh else None
+    dwd_tile = moe._hopper_wgrad_tile(tiles, dout_PD[None], F, rows_per_expert) if mh else None
+    dwgu_tile = moe._hopper_wgrad_tile(tiles, T["dgu_2PF"], D, rows_per_expert) if mh else None
+
     def gate_up():
+        if gate_up_tile is not None:
+            x_rows, _ = moe._gather_rows(x, None, row_P, used_rows_1, K, BM)
+            mh.gate_up(x_rows, wg, wu, block_3Mb, pad_start_E, count_E, T["h_PF"], T["gu_2PF"], gate_up_tile)
+            return
         t = tiles.gate_up
         moe._launch(moe._moe_gate_up_kernel, t, n_mb * triton.cdiv(F, t.n), x, wg, wu, row_P, block_3Mb, T["h_PF"],
                     T["gu_2PF"], n_mb, P, D, F, K, STORE_GU=True, PRECISION=prec, EVEN_K=D % t.k == 0,
                     BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
 
     def down():
+        if down_tile is not None:
+            mh.down_proj(T["h_PF"], wd, row_P, block_3Mb, pad_start_E, count_E, T["y_AD"], down_tile)
+            return
         t = tiles.down
         moe._launch(moe._moe_down_kernel, t, n_mb * triton.cdiv(D, t.n), T["h_PF"], wd, row_P, block_3Mb, T["y_AD"],
                     n_mb, D, F, PRECISION=prec, EVEN_K=F % t.k == 0, BLOCK_M=BM, BLOCK_N=t.n, BLOCK_K=t.k, GROUP_M=GM)
 
     def hidden():
+        if hopper_hidden:
+            mh.hidden_grad(dout_PD, wd, block_3Mb, pad_start_E, count_E, T["z_PF"])
+            return
         t = tiles.hidden_grad
         moe._launch(moe._moe_hidden_grad_kernel, t, n_mb * triton.cdiv(F, t.n), moe._tma(dout_PD, [BM, t.k]),
                     moe._tma(wd, [1, t.k, t.n]), block_3Mb, T["z_PF"], n_mb, D, F, PRECISION=prec, BLOCK_M=BM,
@@ -128,12 +150,17 @@ def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
                     T["dgu_2PF"], T["hw_PF"], T["dweights_A"], P, F, BLOCK_R=t.m, BLOCK_F=t.n)
 
     def dwd():
-        moe._weight_grad(tiles.down_wgrad, dout_PD[None], T["hw_PF"], pad_start_E, count_E, T["dwd_1EDF"], prec)
+        moe._weight_grad(tiles.down_wgrad, dout_PD[None], T["hw_PF"], pad_start_E, count_E, T["dwd_1EDF"], prec,
+                         dwd_tile)
 
     def dwgu():
-        moe._weight_grad(tiles.gate_up_wgrad, T["dgu_2PF"], x_PD, pad_start_E, count_E, T["dwgu_2EFD"], prec)
+        moe._weight_grad(tiles.gate_up_wgrad, T["dgu_2PF"], x_PD, pad_start_E, count_E, T["dwgu_2EFD"], prec,
+                         dwgu_tile)
 
     def input_grad():
+        if igrad_tile is not None:
+            mh.input_grad(T["dgu_2PF"], wg, wu, row_P, block_3Mb, pad_start_E, count_E, T["dxa_AD"], igrad_tile)
+            return
         t = tiles.input_grad
         moe._launch(moe._moe_input_grad_kernel, t, n_mb * triton.cdiv(D, t.n),
                     moe._tma(T["dgu_2PF"].view(2 * P, F), [BM, t.k]), moe._tma(wg, [1, t.k, t.n]),
@@ -145,6 +172,12 @@ def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
     torch.cuda.synchronize()
     return {"gate_up fwd": gate_up, "down fwd": down, "hidden grad": hidden, "input grad": input_grad,
             "dWd": dwd, "dWg+dWu": dwgu}, T
+
+
+def triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout):
+    """moe.py's Triton kernels alone, launched as `our_launches` launches them off Hopper (the baseline that the
+    Gluon prototype scripts compare against)."""
+    return our_launches(n_tokens, ref, x, ids_NK, w_NK, dout, hopper=False)
 
 
 def hidden_grad_reference(dout_PD, wd_EDF, pad_start: list[int], used: int) -> torch.Tensor:
@@ -278,14 +311,15 @@ def profile_step(step, n_steps: int = 10) -> dict[str, float]:
     return out
 
 
-GEMM_KERNELS = ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_hidden_grad_kernel", "_moe_input_grad_kernel",
-                "_moe_weight_grad_kernel")
+GEMM_KERNELS = ("_gate_up_kernel", "_down_kernel", "_down_proj_kernel", "_hidden_grad_kernel", "_input_grad_kernel",
+                "_weight_grad_kernel")
+"""Name pieces of the GEMM launches, moe.py's Triton kernels (`_moe_*`) and moe_hopper's Gluon ones."""
 
 
 def ceiling(n_tokens: int) -> dict:
     ref, x, ids_NK, w_NK, dout = problem(n_tokens)
     fl = flops(n_tokens)
-    tri, T = triton_launches(n_tokens, ref, x, ids_NK, w_NK, dout)
+    tri, T = our_launches(n_tokens, ref, x, ids_NK, w_NK, dout)
     pure, dropin, errs = grouped_mm_launches(T)
     dense, bmm = dense_launches(n_tokens)
     step = step_fn(ref, x, ids_NK, w_NK, dout)
@@ -308,8 +342,8 @@ def ceiling(n_tokens: int) -> dict:
           f"TFLOP/s ({100 * 18 * n_tokens * K * D * F / t_step / 1e9 / PEAK_TFLOPS:.1f}%)")
     print("profiler, ms per step: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])))
     print(f"profiler: GEMM kernels {sum(gemm_prof.values()):.3f} ms, non-GEMM {non_gemm:.3f} ms per step")
-    print("gmm vs triton outputs (rel.err): " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
-    hdr = f"{'GEMM':12s} " + " ".join(f"{m:>17s}" for m in ("(a) triton", "(a) again", "(b) gmm", "(b) again",
+    print("gmm vs our outputs (rel.err): " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    hdr = f"{'GEMM':12s} " + " ".join(f"{m:>17s}" for m in ("(a) ours", "(a) again", "(b) gmm", "(b) again",
                                                              "gmm x2 drop-in", "(c) dense cuBLAS", "(d) bmm equal"))
     print(hdr)
     best_sum = dense_sum = bmm_sum = tri_sum = 0.0
@@ -327,7 +361,7 @@ def ceiling(n_tokens: int) -> dict:
         dense_sum += r["c"]
         bmm_sum += r["d"]
     total = 18 * n_tokens * K * D * F
-    for label, s in (("triton GEMMs (a)", tri_sum), ("best of (a)/(b) per GEMM", best_sum),
+    for label, s in (("our GEMMs (a)", tri_sum), ("best of (a)/(b) per GEMM", best_sum),
                      ("bmm equal groups (d)", bmm_sum), ("dense cuBLAS (c)", dense_sum)):
         proj = s + non_gemm
         print(f"projected step, {label:26s}: GEMMs {s:.3f} + non-GEMM {non_gemm:.3f} = {proj:.3f} ms, "
